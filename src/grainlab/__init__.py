@@ -1,0 +1,1 @@
+"""grainlab: deep learning experiments on metal microstructure images."""

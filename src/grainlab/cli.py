@@ -1,0 +1,70 @@
+"""The `grainlab` command: one verb group per area.
+
+Thin by design: parse the arguments, load params.yaml, call the library, write outputs.
+Each area registers its verbs in its own `commands.py`. A GrainlabError (or an OS error
+such as a full disk) prints one line naming the problem and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from grainlab.config import load_params
+from grainlab.errors import GrainlabError
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every leaf command takes: the params file, its profile and key=value overrides."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings")
+    g.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: %(default)s)")
+    g.add_argument("--profile", default=None, help="settings profile: demo (default) or paper")
+    g.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set tem.image_px=512 (repeatable)",
+    )
+    return p
+
+
+def params_from(args):
+    return load_params(args.params, args.overrides, args.profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from grainlab.datasets import commands as data_commands
+
+    parser = argparse.ArgumentParser(
+        prog="grainlab",
+        description="Deep learning experiments on metal microstructure images: grain-boundary "
+        "tracing (U-Net) and microstructure recognition (triplet network + open-set GMM).",
+    )
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    common = common_options()
+    for module in (data_commands,):
+        module.register(groups, common)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GrainlabError as exc:
+        print(f"grainlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOENT):
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"grainlab: error: {where}{exc.strerror}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("grainlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

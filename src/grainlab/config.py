@@ -1,0 +1,499 @@
+"""params.yaml -> frozen dataclasses.
+
+This is the only module that imports the YAML library. Every setting has a typed default
+(the embedded `demo` profile); params.yaml mirrors them. A profile is a set of dotted
+overrides under `profiles:`; `--set key=value` overrides come last. An unknown key, a
+wrong type or an out-of-range value is a ConfigError that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grainlab.errors import GrainlabError
+
+
+class ConfigError(GrainlabError):
+    pass
+
+
+def opt(default, lo=None, hi=None, choices=None, **kw):
+    """A dataclass field with an allowed range [lo, hi] or a set of choices."""
+    meta = {"lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def table(factory):
+    """A dataclass field holding a dict of sub-sections (e.g. recipes by name)."""
+    return field(default_factory=factory, metadata={})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+    image_format: str = opt("png", choices=("png", "tiff16"))
+    workers: int = opt(2, lo=1, hi=64)
+    max_image_pixels: int = opt(100_000_000, lo=1)
+
+
+@dataclass(frozen=True)
+class TemConfig:
+    """The thin-film BF TEM generator (grainlab.synth.tem). Lengths in nm unless named _px."""
+
+    image_px: int = opt(256, lo=32, hi=8192)
+    pixel_nm: float = opt(2.0, lo=0.01, hi=100.0)
+    mean_grain_nm: float = opt(60.0, lo=1.0)  # mean equivalent-circle diameter (twins not counted)
+    sigma_ln_d: float = opt(0.4, lo=0.1, hi=1.0)  # standard deviation of ln(diameter)
+    twin_fraction: float = opt(0.15, lo=0.0, hi=1.0)  # fraction of grains holding annealing twins
+    voltage_kv: float = opt(200.0, lo=20.0, hi=3000.0)
+    lattice_nm: float = opt(0.405, lo=0.1, hi=2.0)  # FCC lattice parameter (Al)
+    foil_thickness_nm: float = opt(80.0, lo=1.0)
+    thickness_variation: float = opt(0.12, lo=0.0, hi=0.5)  # relative std of the smooth thickness field
+    extinction_nm: float = opt(60.0, lo=1.0)  # extinction distance of {111}; higher orders scale from it
+    bend_amplitude_deg: float = opt(1.5, lo=0.0, hi=20.0)  # largest local tilt from foil bending
+    bend_scale_nm: float = opt(400.0, lo=1.0)  # correlation length of the foil bending
+    boundary_waviness: float = opt(0.12, lo=0.0, hi=0.5)  # boundary wiggle, relative to the grain size
+    mottle: float = opt(0.04, lo=0.0, hi=0.5)  # relative amplitude of the mottled texture in grains
+    psf_sigma_px: float = opt(0.8, lo=0.0, hi=10.0)
+    dose: float = opt(400.0, lo=1.0)  # electrons per pixel in the open beam
+    read_noise: float = opt(0.01, lo=0.0, hi=1.0)
+    dust_specks: float = opt(3.0, lo=0.0)  # mean number of contamination specks per image
+    illumination_gradient: float = opt(0.15, lo=0.0, hi=1.0)
+    visibility_contrast: float = opt(0.06, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class TracerConfig:
+    """A simulated human tracer."""
+
+    line_width_px: float = opt(2.0, lo=1.0, hi=20.0)
+    jitter_px: float = opt(0.6, lo=0.0, hi=20.0)  # std of the smooth line displacement, per axis
+    jitter_scale_px: float = opt(15.0, lo=1.0)  # correlation length of that displacement
+    miss_prob: float = opt(0.03, lo=0.0, hi=1.0)  # chance to skip a boundary segment between junctions
+    spurious_strokes: float = opt(0.2, lo=0.0)  # mean number of false strokes per tracing
+
+
+@dataclass(frozen=True)
+class TiltConfig:
+    """Stage tilts in degrees. `grid` recipes use the fixed grid; `unique` draw at random."""
+
+    grid_alpha_deg: tuple[float, ...] = opt(
+        (-30.0, -25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)
+    )
+    grid_beta_deg: float = opt(0.0, lo=-60.0, hi=60.0)
+    max_alpha_deg: float = opt(30.0, lo=0.0, hi=80.0)
+    max_beta_deg: float = opt(15.0, lo=0.0, hi=80.0)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """How one training dataset is built from synthetic regions."""
+
+    regions: int = opt(23, lo=1)
+    pairs_per_region: int = opt(13, lo=1)
+    tilt_mode: str = opt("grid", choices=("grid", "unique"))
+    label_mode: str = opt("composite", choices=("composite", "per_image"))
+    duplicate_fraction: float = opt(0.0, lo=0.0, hi=0.9)
+    tracer: str = "careful"
+
+
+@dataclass(frozen=True)
+class TestSetConfig:
+    regions: int = opt(4, lo=1)
+    tilts_per_region: int = opt(5, lo=1)
+
+
+def _default_tracers():
+    return {
+        "careful": TracerConfig(),
+        "sloppy": TracerConfig(
+            line_width_px=3.0, jitter_px=2.0, jitter_scale_px=8.0, miss_prob=0.15, spurious_strokes=1.5
+        ),
+    }
+
+
+def _default_recipes():
+    return {
+        "lopez-toderas": RecipeConfig(23, 13, "grid", "composite", 0.15, "careful"),
+        "grae": RecipeConfig(23, 13, "unique", "per_image", 0.0, "careful"),
+        "gong": RecipeConfig(35, 14, "grid", "composite", 0.15, "sloppy"),
+        "grae-large": RecipeConfig(35, 14, "unique", "per_image", 0.0, "careful"),
+    }
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The boundary U-Net (grainlab.boundaries.unet). depth counts levels: 5 = 4 downsamplings."""
+
+    depth: int = opt(4, lo=2, hi=7)
+    base_channels: int = opt(8, lo=1, hi=256)
+    dropout: float = opt(0.1, lo=0.0, hi=0.9)
+    norm: str = opt("batch", choices=("batch", "group", "none"))
+    in_channels: int = opt(1, choices=(1, 3))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities of the training augmentations (0 switches one off)."""
+
+    flip: float = opt(0.5, lo=0.0, hi=1.0)
+    rotate90: float = opt(0.5, lo=0.0, hi=1.0)
+    brightness_contrast: float = opt(0.5, lo=0.0, hi=1.0)
+    blur: float = opt(0.2, lo=0.0, hi=1.0)
+    noise: float = opt(0.2, lo=0.0, hi=1.0)
+    elastic: float = opt(0.1, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Probability map -> one-pixel tracing -> grains (grainlab.boundaries.grains)."""
+
+    low: float = opt(0.3, lo=0.0, hi=1.0)
+    high: float = opt(0.6, lo=0.0, hi=1.0)
+    dilate_px: int = opt(1, lo=0, hi=20)
+    min_hole_px: int = opt(16, lo=0)
+    spur_px: int = opt(10, lo=0)
+    min_grain_px: int = opt(20, lo=0)
+    drop_edge_grains: bool = False
+
+
+@dataclass(frozen=True)
+class BoundaryConfig:
+    """Boundary tracing: model, training, inference and the poster study."""
+
+    datasets_dir: str = "grain_boundaries"
+    test_set: str = "test"
+    test_image: int = opt(0, lo=0)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    loss: str = "bce"
+    loss_args: dict[str, dict[str, Any]] = table(dict)
+    epochs: int = opt(8, lo=1, hi=10_000)
+    snapshot_epochs: tuple[int, ...] = opt((2, 5, 8))
+    samples_per_epoch: int = opt(48, lo=0)
+    crop_px: int = opt(128, lo=16, hi=4096)
+    batch_size: int = opt(8, lo=1, hi=1024)
+    lr: float = opt(2e-3, lo=1e-7, hi=1.0)
+    val_fraction: float = opt(0.2, lo=0.0, hi=0.9)
+    val_max_images: int = opt(12, lo=0)
+    workers: int = opt(2, lo=0, hi=64)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    tile_px: int = opt(256, lo=16, hi=8192)
+    tile_overlap: float = opt(0.25, lo=0.0, hi=0.75)
+    tile_batch: int = opt(8, lo=1, hi=1024)
+    tolerance_px: int = opt(2, lo=0, hi=20)
+    study_datasets: tuple[str, ...] = opt(("lopez-toderas", "grae", "gong", "grae-large"))
+    study_losses: tuple[str, ...] = opt(("bce", "mse", "focal"))
+
+    def __post_init__(self):
+        for e in self.snapshot_epochs:
+            if not 1 <= e <= self.epochs:
+                raise ConfigError(
+                    f"boundaries.snapshot_epochs: epoch {e} is outside 1..{self.epochs} (boundaries.epochs)"
+                )
+        if self.postprocess.low > self.postprocess.high:
+            raise ConfigError(
+                f"boundaries.postprocess: low = {self.postprocess.low} is above high = {self.postprocess.high}"
+            )
+
+
+@dataclass(frozen=True)
+class MicroConfig:
+    """The steel micrograph library (grainlab.synth.micro): the quiz-1 and quiz-2 analogues."""
+
+    image_px: int = opt(384, lo=64, hi=4096)
+    optical_fraction: float = opt(0.5, lo=0.0, hi=1.0)
+    quiz1_train: int = opt(134, lo=5)
+    quiz1_quiz_known: int = opt(30, lo=0)
+    quiz1_quiz_unknown: int = opt(6, lo=0)
+    quiz1_px_per_um: tuple[float, float] = opt((1.0, 200.0))
+    quiz1_quiz_px_per_um: tuple[float, float] = opt((1.1, 212.0))
+    quiz2_train: int = opt(58, lo=6)
+    quiz2_quiz: int = opt(21, lo=0)
+    quiz2_px_per_um: tuple[float, ...] = opt((53.0, 106.0))
+    preview_px_per_um: tuple[float, ...] = opt((2.0, 10.0, 50.0, 200.0))
+
+    def __post_init__(self):
+        for key in ("quiz1_px_per_um", "quiz1_quiz_px_per_um", "quiz2_px_per_um", "preview_px_per_um"):
+            values = getattr(self, key)
+            if not values or min(values) <= 0 or list(values[:2]) != sorted(values[:2]):
+                raise ConfigError(f"microstructures.{key} = {list(values)}: expected positive px/um, low before high")
+
+
+@dataclass(frozen=True)
+class CropAugmentConfig:
+    """Training-crop augmentation (grainlab.recognition.augment); probabilities per crop."""
+
+    rotate_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    brightness_contrast: float = opt(0.25, lo=0.0, hi=1.0)
+    dust_prob: float = opt(0.3, lo=0.0, hi=1.0)
+    warp_prob: float = opt(0.2, lo=0.0, hi=1.0)
+    noise_prob: float = opt(0.3, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class RecognitionConfig:
+    """The magnification-aware triplet network, its open-set GMMs and crop-averaged prediction."""
+
+    tasks: tuple[str, ...] = opt(("quiz1", "quiz2"))
+    ablation: bool = True
+    use_magnification: bool = True
+    magnification_mode: str = opt("concat", choices=("concat", "film"))
+    crop_px: int = opt(96, lo=16, hi=512)
+    crop_min_px: int = opt(64, lo=8)
+    crop_max_px: int = opt(256, lo=8)
+    edge_channel: bool = True
+    widths: tuple[int, ...] = opt((16, 32, 64, 96))
+    descriptor_dim: int = opt(2, lo=1, hi=512)
+    margin: float = opt(1.0, lo=0.0)
+    mining: str = opt("batch-hard", choices=("batch-hard", "semi-hard"))
+    epochs: int = opt(12, lo=1)
+    steps_per_epoch: int = opt(25, lo=1)
+    crops_per_class: int = opt(12, lo=2)
+    lr: float = opt(2e-3, lo=1e-6, hi=1.0)
+    weight_decay: float = opt(1e-4, lo=0.0)
+    augment: CropAugmentConfig = field(default_factory=CropAugmentConfig)
+    gmm_components: int = opt(2, lo=1, hi=32)
+    gmm_crops_per_image: int = opt(24, lo=1)
+    none_percentile: float = opt(2.0, lo=0.0, hi=100.0)
+    none_threshold: float | None = None
+    predict_crops: int = opt(1000, lo=1)
+    batch_size: int = opt(250, lo=1)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    out_dir: str = "outputs/recognition"
+
+    def __post_init__(self):
+        if self.crop_min_px > self.crop_max_px:
+            raise ConfigError(
+                f"recognition.crop_min_px = {self.crop_min_px} > crop_max_px = {self.crop_max_px}; expected min <= max"
+            )
+        unknown = set(self.tasks) - {"quiz1", "quiz2"}
+        if unknown:
+            raise ConfigError(f"recognition.tasks: unknown task(s) {sorted(unknown)}; expected quiz1 and/or quiz2")
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = "demo"
+    seed: int = opt(0, lo=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    tem: TemConfig = field(default_factory=TemConfig)
+    tilts: TiltConfig = field(default_factory=TiltConfig)
+    tracers: dict[str, TracerConfig] = table(_default_tracers)
+    recipes: dict[str, RecipeConfig] = table(_default_recipes)
+    test_set: TestSetConfig = field(default_factory=TestSetConfig)
+    boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
+    microstructures: MicroConfig = field(default_factory=MicroConfig)
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    profiles: dict[str, dict[str, Any]] = table(dict)
+
+    def __post_init__(self):
+        for name, recipe in self.recipes.items():
+            if recipe.tracer not in self.tracers:
+                raise ConfigError(
+                    f"recipes.{name}.tracer: unknown tracer {recipe.tracer!r}; "
+                    f"expected one of {sorted(self.tracers)}"
+                )
+            unique = recipe.pairs_per_region - round(recipe.pairs_per_region * recipe.duplicate_fraction)
+            if recipe.tilt_mode == "grid" and unique > len(self.tilts.grid_alpha_deg):
+                raise ConfigError(
+                    f"recipes.{name}: {unique} distinct grid tilts per region needed, but "
+                    f"tilts.grid_alpha_deg has only {len(self.tilts.grid_alpha_deg)}"
+                )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str, src: str):
+    """Check `value` against type `tp` and return it converted (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected):
+        raise ConfigError(f"{src}: {key} = {value!r}: expected {expected}")
+
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            bad(f"a mapping of {tp.__name__} settings")
+        return _build(tp, value, key, src)
+    if origin is dict:
+        if not isinstance(value, dict):
+            bad("a mapping")
+        return {str(k): _convert(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value))
+        if len(value) != len(args):
+            bad(f"a list of {len(args)} items")
+        return tuple(_convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), key, src)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad("a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            bad("a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            bad("a string")
+        return value
+    bad(_type_name(tp))
+
+
+def _check_range(value, meta, key, src):
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{src}: {key} = {value!r}: expected one of {list(choices)}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
+            f">= {lo}" if lo is not None else f"<= {hi}"
+        )
+        raise ConfigError(f"{src}: {key} = {value!r}: expected a value {bounds}")
+
+
+def _build(cls, raw: dict, prefix: str, src: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in known:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(
+                f"{src}: unknown key {where!r}; expected one of {sorted(known)}"
+            )
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _convert(raw[name], hints[name], key, src)
+        _check_range(value, f.metadata, key, src)
+        values[name] = value
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{src}: {exc}") from None
+
+
+def _set_dotted(raw: dict, dotted: str, value, src: str):
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{src}: cannot set {dotted!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _defaults_as_raw(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _defaults_as_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _defaults_as_raw(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [_defaults_as_raw(v) for v in obj]
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key.sub=value' -> ('key.sub', value), the value parsed as YAML (numbers, lists, ...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. boundaries.epochs=3")
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides=(), profile: str | None = None) -> Params:
+    """Load params.yaml (or only the embedded defaults when path is None), apply the profile, then overrides."""
+    src = str(path) if path is not None else "<defaults>"
+    raw: dict = _defaults_as_raw(Params())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{src}: params file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{src}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{src}: expected a mapping of sections at the top level")
+    parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    for key, value in parsed:
+        if key == "profile":
+            profile = value
+    profile = profile or raw.get("profile", "demo")
+    profiles = raw.get("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{src}: profiles: expected a mapping of profile names to overrides")
+    if profile != "demo" and profile not in profiles:
+        raise ConfigError(f"{src}: profile {profile!r} is not defined; expected one of {['demo', *sorted(profiles)]}")
+    raw = dict(raw)
+    raw["profile"] = profile
+    for key, value in (profiles.get(profile) or {}).items():
+        _set_dotted(raw, key, value, f"{src}: profiles.{profile}")
+    for key, value in parsed:
+        _set_dotted(raw, key, value, src)
+    return _build(Params, raw, "", src)
+
+
+def flatten(obj, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'tem.image_px': 256, ...}, for MLflow params and `grainlab params`."""
+    out: dict[str, Any] = {}
+    raw = _defaults_as_raw(obj)
+
+    def walk(node, pre):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{pre}.{k}" if pre else str(k))
+        else:
+            out[pre] = node
+
+    walk(raw, prefix)
+    return out
+
+
+def to_dict(obj) -> dict:
+    """A params dataclass (or section) as plain dicts and lists, e.g. to store in a checkpoint."""
+    return _defaults_as_raw(obj)
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Dataset recipes, folder I/O, import of real data."""

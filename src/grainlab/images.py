@@ -1,0 +1,203 @@
+"""Image files in and out: validated decoding, and writes that never leave half a file.
+
+Every reader refuses bad files with an ImageError that names the file: empty, truncated
+or corrupt files, files that are no image, images whose header claims more pixels than
+the limit (a decompression bomb is refused before it is decoded), and pixel types that
+are neither 8/16-bit integers nor floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from grainlab.errors import GrainlabError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# The pixel limit is ours (checked on the header before decoding); PIL's own bomb check
+# would raise its own error type, so it is switched off.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(GrainlabError):
+    pass
+
+
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
+    if size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); expected a PNG, TIFF or JPEG image")
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image; expected a PNG, TIFF or JPEG file") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: cannot read image ({exc})") from None
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageError(f"{path}: image has size {w}x{h}; expected at least 1x1")
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{path}: header claims {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            "(data.max_image_pixels); refusing to decode it"
+        )
+    return im
+
+
+def _to_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype in (np.uint16, np.int32, np.uint32) or arr.dtype == np.dtype(">u2"):
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ImageError(f"{path}: integer pixel values outside 0..65535; expected an 8- or 16-bit image")
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype.kind == "b":
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{path}: float image holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(f"{path}: float pixel values span {lo:g}..{hi:g}; expected values in [0, 1]")
+        return arr.astype(np.float32)
+    raise ImageError(f"{path}: unsupported pixel type {arr.dtype}; expected 8/16-bit integers or floats")
+
+
+def read_image(path: str | Path, *, channels: str = "grey", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image as float32 in [0, 1]: (H, W) for channels='grey', (H, W, 3) for 'rgb'."""
+    path = Path(path)
+    im = _open_checked(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+            if im.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
+                im = im.convert("RGB" if channels == "rgb" or im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
+            arr = np.asarray(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+    img = _to_float(arr, path)
+    if img.ndim == 3:
+        img = img[..., :3]
+        if channels == "grey":
+            img = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    elif channels == "rgb":
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def read_mask(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A boundary tracing as bool (H, W), True on boundaries.
+
+    Anti-aliased lines are thresholded at half range. Masks drawn black-on-white are
+    detected (boundaries are the minority of pixels) and inverted.
+    """
+    grey = read_image(path, channels="grey", max_pixels=max_pixels)
+    mask = grey >= 0.5
+    if mask.mean() > 0.5:
+        mask = ~mask
+    return mask
+
+
+def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A grain instance map saved by write_labels, as int32 (H, W)."""
+    path = Path(path)
+    im = _open_checked(path, max_pixels)
+    try:
+        arr = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated label image ({exc})") from None
+    if arr.ndim != 2 or arr.dtype.kind not in "ui":
+        raise ImageError(f"{path}: expected a single-channel integer label image, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save(im: Image.Image, path: Path, **kw):
+    fmt = "TIFF" if path.suffix.lower() in (".tif", ".tiff") else "PNG"
+    with atomic_path(path) as tmp:
+        im.save(tmp, format=fmt, **kw)
+
+
+def write_image(path: str | Path, img: np.ndarray, *, bits: int = 8):
+    """Write a float image in [0, 1] (grey or RGB) as 8-bit PNG, or 16-bit (PNG or TIFF)."""
+    path = Path(path)
+    arr = np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0)
+    if bits == 16:
+        if arr.ndim != 2:
+            raise ValueError("16-bit output is grey only")
+        _save(Image.fromarray(np.round(arr * 65535).astype(np.uint16)), path)
+    else:
+        _save(Image.fromarray(np.round(arr * 255).astype(np.uint8)), path)
+
+
+def write_mask(path: str | Path, mask: np.ndarray):
+    """Write a boolean or {0,255} mask as an 8-bit PNG, white boundaries on black."""
+    _save(Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)), Path(path))
+
+
+def write_labels(path: str | Path, labels: np.ndarray):
+    """Write an integer instance map (ids < 65536) as a 16-bit PNG."""
+    labels = np.asarray(labels)
+    if labels.max(initial=0) > 65535 or labels.min(initial=0) < 0:
+        raise ValueError("label ids must lie in 0..65535")
+    _save(Image.fromarray(labels.astype(np.uint16)), Path(path))
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path):
+    """Build a folder in a temporary sibling and swap it onto `target` only on success.
+
+    On any error the partial folder is removed and the old `target`, if any, is kept.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
