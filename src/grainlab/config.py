@@ -63,7 +63,7 @@ class TemConfig:
     thickness_variation: float = opt(0.12, lo=0.0, hi=0.5)  # relative std of the smooth thickness field
     extinction_nm: float = opt(60.0, lo=1.0)  # extinction distance of {111}; higher orders scale from it
     bend_amplitude_deg: float = opt(1.5, lo=0.0, hi=20.0)  # largest local tilt from foil bending
-    bend_scale_nm: float = opt(400.0, lo=1.0)  # correlation length of the foil bending
+    bend_scale_nm: float = opt(800.0, lo=1.0)  # correlation length of the foil bending
     boundary_waviness: float = opt(0.12, lo=0.0, hi=0.5)  # boundary wiggle, relative to the grain size
     mottle: float = opt(0.04, lo=0.0, hi=0.5)  # relative amplitude of the mottled texture in grains
     psf_sigma_px: float = opt(0.8, lo=0.0, hi=10.0)
@@ -176,6 +176,7 @@ class BoundaryConfig:
     datasets_dir: str = "grain_boundaries"
     test_set: str = "test"
     test_image: int = opt(0, lo=0)
+    test_max_images: int = opt(6, lo=0)
     unet: UNetConfig = field(default_factory=UNetConfig)
     loss: str = "bce"
     loss_args: dict[str, dict[str, Any]] = table(dict)
@@ -223,10 +224,9 @@ class MicroConfig:
     quiz2_train: int = opt(58, lo=6)
     quiz2_quiz: int = opt(21, lo=0)
     quiz2_px_per_um: tuple[float, ...] = opt((53.0, 106.0))
-    preview_px_per_um: tuple[float, ...] = opt((2.0, 10.0, 50.0, 200.0))
 
     def __post_init__(self):
-        for key in ("quiz1_px_per_um", "quiz1_quiz_px_per_um", "quiz2_px_per_um", "preview_px_per_um"):
+        for key in ("quiz1_px_per_um", "quiz1_quiz_px_per_um", "quiz2_px_per_um"):
             values = getattr(self, key)
             if not values or min(values) <= 0 or list(values[:2]) != sorted(values[:2]):
                 raise ConfigError(f"microstructures.{key} = {list(values)}: expected positive px/um, low before high")
@@ -256,7 +256,7 @@ class RecognitionConfig:
     crop_min_px: int = opt(64, lo=8)
     crop_max_px: int = opt(256, lo=8)
     edge_channel: bool = True
-    widths: tuple[int, ...] = opt((16, 32, 64, 96))
+    widths: tuple[int, ...] = opt((16, 32, 64, 128))
     descriptor_dim: int = opt(2, lo=1, hi=512)
     margin: float = opt(1.0, lo=0.0)
     mining: str = opt("batch-hard", choices=("batch-hard", "semi-hard"))

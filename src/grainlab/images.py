@@ -27,6 +27,10 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # would raise its own error type, so it is switched off.
 Image.MAX_IMAGE_PIXELS = None
 
+# Files made through a temporary path get the usual permissions, not mkstemp's 0600.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class ImageError(GrainlabError):
     pass
@@ -136,6 +140,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -184,6 +189,7 @@ def staged_dir(target: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

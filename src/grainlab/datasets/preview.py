@@ -52,6 +52,8 @@ def write_tem_preview(params: Params, out_png: Path, n_tilts: int = 6) -> Path:
             data, cmap, title = row3[j]
             ax.imshow(data, cmap=cmap, interpolation="nearest")
             ax.set_title(title, fontsize=9)
+        else:
+            ax.axis("off")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
