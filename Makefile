@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 GL     := $(BIN)/grainlab
 
-.PHONY: run test test-slow lint format setup data preview clean
+.PHONY: run test test-slow test-load lint format setup data preview ui serve serve-recognizer bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,22 @@ lint: setup
 format: setup
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
+
+# Servers bind to 127.0.0.1 only; set HOST=0.0.0.0 to expose them on purpose.
+HOST ?= 127.0.0.1
+TRACKING := sqlite:///$(CURDIR)/mlflow.db
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --default-artifact-root $(CURDIR)/mlruns --host $(HOST) --port 5000
+
+serve: setup
+	MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/grain-boundary-unet@champion --env-manager local --host $(HOST) --port 5001
+
+serve-recognizer: setup
+	MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/microstructure-recognizer@champion --env-manager local --host $(HOST) --port 5002
+
+test-load: setup
+	$(BIN)/python -m pytest -m load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -53,7 +53,9 @@ def test_fresh_synth_then_dvc_add_leaves_data_dvc_unchanged(fresh_clone):
 
 def test_recipe_counts_and_layout(fresh_clone):
     root = fresh_clone / "data" / "grain_boundaries"
-    counts = {name: len(load_dataset(root / name).pairs) for name in ("lopez-toderas", "grae", "gong", "grae-large")}
+    counts = {
+        name: len(load_dataset(root / name).pairs) for name in ("lopez-toderas", "grae", "gong", "grae-large")
+    }
     assert counts == {"lopez-toderas": 299, "grae": 299, "gong": 490, "grae-large": 490}
     params = load_params(ROOT / "params.yaml")
     assert len(load_test_set(root / "test")) == params.test_set.regions * params.test_set.tilts_per_region

@@ -68,7 +68,9 @@ def test_float_and_16bit_tiff(tmp_path):
     Image.fromarray(np.full((4, 4), 0.25, np.float32)).save(tmp_path / "f.tif")
     assert read_image(tmp_path / "f.tif")[0, 0] == pytest.approx(0.25)
     Image.fromarray(np.full((4, 4), 7.0, np.float32)).save(tmp_path / "big.tif")
-    with pytest.raises(ImageError, match=r"big.tif: float pixel values span 7..7; expected values in \[0, 1\]"):
+    with pytest.raises(
+        ImageError, match=r"big.tif: float pixel values span 7..7; expected values in \[0, 1\]"
+    ):
         read_image(tmp_path / "big.tif")
     Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "w.png")
     assert read_image(tmp_path / "w.png")[0, 0] == pytest.approx(1.0)
@@ -131,7 +133,10 @@ def test_staged_dir_keeps_old_folder_on_error(tmp_path):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=2048), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"\xff\xd8\xff"]))
+@given(
+    data=st.binary(max_size=2048),
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"\xff\xd8\xff"]),
+)
 def test_decoding_fuzz_raises_only_image_errors(tmp_path, data, prefix):
     path = tmp_path / "fuzz.png"
     path.write_bytes(prefix + data)

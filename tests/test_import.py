@@ -69,7 +69,14 @@ def bad_case(tmp_path, case):
 
 @pytest.mark.parametrize(
     "case",
-    ["image without tracing", "tracing without image", "size mismatch", "corrupt file", "zero-byte file", "empty mask"],
+    [
+        "image without tracing",
+        "tracing without image",
+        "size mismatch",
+        "corrupt file",
+        "zero-byte file",
+        "empty mask",
+    ],
 )
 def test_bad_sources_fail_cleanly_and_write_nothing(tmp_path, case, capsys):
     src, fragment = bad_case(tmp_path, case)
@@ -117,7 +124,9 @@ def test_manifest_paths_cannot_escape(tmp_path):
 
 @needs_real
 def test_import_real_tbm_dev(tmp_path, capsys):
-    code = main(["data", "import", str(REAL), "--name", "tbm-dev", "--out", str(tmp_path), "--params", str(PARAMS)])
+    code = main(
+        ["data", "import", str(REAL), "--name", "tbm-dev", "--out", str(tmp_path), "--params", str(PARAMS)]
+    )
     assert code == 0, capsys.readouterr().err
     ds = load_dataset(tmp_path / "grain_boundaries" / "tbm-dev")
     assert len(ds.pairs) == len(list((REAL / "images").glob("*.png")))

@@ -33,7 +33,10 @@ def params_from(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grainlab import commands as platform_commands
+    from grainlab.boundaries import commands as boundary_commands
     from grainlab.datasets import commands as data_commands
+    from grainlab.recognition import commands as recognition_commands
 
     parser = argparse.ArgumentParser(
         prog="grainlab",
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     common = common_options()
-    for module in (data_commands,):
+    for module in (data_commands, boundary_commands, recognition_commands, platform_commands):
         module.register(groups, common)
     return parser
 

@@ -158,8 +158,16 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Probability map -> one-pixel tracing -> grains (grainlab.boundaries.grains)."""
+    """Probability map -> one-pixel tracing -> grains (grainlab.boundaries.grains).
 
+    method 'watershed' (smooth_px, marker_depth) closes every grain; 'skeleton' is the published
+    pipeline (low/high hysteresis, dilate_px, min_hole_px, spur_px). min_grain_px and
+    drop_edge_grains apply to both.
+    """
+
+    method: str = opt("watershed", choices=("watershed", "skeleton"))
+    smooth_px: float = opt(2.0, lo=0.0, hi=20.0)
+    marker_depth: float = opt(0.005, lo=0.0, hi=1.0)
     low: float = opt(0.3, lo=0.0, hi=1.0)
     high: float = opt(0.6, lo=0.0, hi=1.0)
     dilate_px: int = opt(1, lo=0, hi=20)
@@ -176,19 +184,20 @@ class BoundaryConfig:
     datasets_dir: str = "grain_boundaries"
     test_set: str = "test"
     test_image: int = opt(0, lo=0)
-    test_max_images: int = opt(6, lo=0)
+    test_max_images: int = opt(4, lo=0)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dataset: str = "grae"  # the dataset of the pipeline's main model (`dvc exp run -S boundaries.loss=...`)
     loss: str = "bce"
     loss_args: dict[str, dict[str, Any]] = table(dict)
-    epochs: int = opt(8, lo=1, hi=10_000)
-    snapshot_epochs: tuple[int, ...] = opt((2, 5, 8))
-    samples_per_epoch: int = opt(48, lo=0)
-    crop_px: int = opt(128, lo=16, hi=4096)
+    epochs: int = opt(6, lo=1, hi=10_000)
+    snapshot_epochs: tuple[int, ...] = opt((2, 4, 6))
+    samples_per_epoch: int = opt(160, lo=0)
+    crop_px: int = opt(96, lo=16, hi=4096)
     batch_size: int = opt(8, lo=1, hi=1024)
-    lr: float = opt(2e-3, lo=1e-7, hi=1.0)
+    lr: float = opt(5e-3, lo=1e-7, hi=1.0)
     val_fraction: float = opt(0.2, lo=0.0, hi=0.9)
-    val_max_images: int = opt(12, lo=0)
-    workers: int = opt(2, lo=0, hi=64)
+    val_max_images: int = opt(4, lo=0)
+    workers: int = opt(0, lo=0, hi=64)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     tile_px: int = opt(256, lo=16, hi=8192)
@@ -259,8 +268,8 @@ class RecognitionConfig:
     widths: tuple[int, ...] = opt((16, 32, 64, 128))
     descriptor_dim: int = opt(2, lo=1, hi=512)
     margin: float = opt(1.0, lo=0.0)
-    mining: str = opt("batch-hard", choices=("batch-hard", "semi-hard"))
-    epochs: int = opt(12, lo=1)
+    mining: str = opt("semi-hard", choices=("batch-hard", "semi-hard"))
+    epochs: int = opt(30, lo=1)
     steps_per_epoch: int = opt(25, lo=1)
     crops_per_class: int = opt(12, lo=2)
     lr: float = opt(2e-3, lo=1e-6, hi=1.0)
@@ -271,6 +280,7 @@ class RecognitionConfig:
     none_percentile: float = opt(2.0, lo=0.0, hi=100.0)
     none_threshold: float | None = None
     predict_crops: int = opt(1000, lo=1)
+    eval_crops: int = opt(300, lo=1)
     batch_size: int = opt(250, lo=1)
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     out_dir: str = "outputs/recognition"
@@ -286,6 +296,48 @@ class RecognitionConfig:
 
 
 @dataclass(frozen=True)
+class BoundaryTuningConfig:
+    """The boundary search: the loss (with each loss's own registered space), lr, optionally the recipe."""
+
+    n_trials: int = opt(6, lo=1)
+    dataset: str = "grae"
+    datasets: tuple[str, ...] = opt(())  # non-empty: the recipe is searched over these too
+    losses: tuple[str, ...] = opt(())  # empty: every registered loss
+    lr: tuple[float, float] = opt((3e-4, 1e-2))
+    epochs: int = opt(4, lo=1)
+    samples_per_epoch: int = opt(32, lo=1)
+
+
+@dataclass(frozen=True)
+class RecognitionTuningConfig:
+    """The recognition search: triplet margin, GMM threshold and components, lr, descriptor dimension."""
+
+    n_trials: int = opt(4, lo=1)
+    task: str = opt("quiz1", choices=("quiz1", "quiz2"))
+    val_fraction: float = opt(0.25, lo=0.05, hi=0.5)
+    margin: tuple[float, float] = opt((0.2, 2.0))
+    none_percentile: tuple[float, float] = opt((0.5, 10.0))
+    gmm_components: tuple[int, int] = opt((1, 3))
+    lr: tuple[float, float] = opt((5e-4, 5e-3))
+    descriptor_dims: tuple[int, ...] = opt((2, 3, 4))
+    epochs: int = opt(6, lo=1)
+    eval_crops: int = opt(100, lo=1)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Optuna studies. The storage URL comes from --storage or GRAINLAB_OPTUNA_STORAGE, never from here."""
+
+    pruner: str = opt("median", choices=("median", "hyperband", "none"))
+    heartbeat_s: int = opt(10, lo=1)
+    grace_s: int = opt(30, lo=2)
+    max_retry: int = opt(2, lo=0)
+    out_dir: str = "outputs/tuning"
+    boundaries: BoundaryTuningConfig = field(default_factory=BoundaryTuningConfig)
+    recognition: RecognitionTuningConfig = field(default_factory=RecognitionTuningConfig)
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = "demo"
     seed: int = opt(0, lo=0)
@@ -298,6 +350,7 @@ class Params:
     boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
     microstructures: MicroConfig = field(default_factory=MicroConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     profiles: dict[str, dict[str, Any]] = table(dict)
 
     def __post_init__(self):
@@ -472,6 +525,22 @@ def load_params(path: str | Path | None = "params.yaml", overrides=(), profile: 
     for key, value in parsed:
         _set_dotted(raw, key, value, src)
     return _build(Params, raw, "", src)
+
+
+def apply_overrides(params: Params, overrides: dict[str, Any], src: str = "<overrides>") -> Params:
+    """A copy of params with dotted-key overrides applied and validated like params.yaml."""
+    raw = _defaults_as_raw(params)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value, src)
+    return _build(Params, raw, "", src)
+
+
+def nest(overrides: dict[str, Any]) -> dict:
+    """{'a.b': 1} -> {'a': {'b': 1}}: dotted overrides in params.yaml's shape."""
+    out: dict = {}
+    for key, value in overrides.items():
+        _set_dotted(out, key, value, "<nest>")
+    return out
 
 
 def flatten(obj, prefix: str = "") -> dict[str, Any]:

@@ -84,26 +84,35 @@ def standard_tags(**extra) -> dict[str, str]:
     return {"git_commit": git_commit(), "data_dvc_md5": data_md5(), **{k: str(v) for k, v in extra.items()}}
 
 
+class RunStopped(Exception):
+    """Raised to stop a run on purpose (e.g. an Optuna trial pruned): the run ends as KILLED, not FAILED."""
+
+
 @contextlib.contextmanager
 def run(experiment: str, *, run_name: str | None = None, run_id: str | None = None, params=None,
-        tags=None, system_metrics: bool = True, nested: bool = False):
-    """Start (or, with run_id, resume) an MLflow run; mark it FAILED with the reason on error."""
+        tags=None, system_metrics: bool = True, parent_run_id: str | None = None):
+    """Start (or, with run_id, resume) an MLflow run; mark it FAILED with the reason on error.
+
+    parent_run_id nests the run under another (as a tag, so the parent need not be active).
+    """
     mlflow = _mlflow()
     exp_id = ensure_experiment(experiment)
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
-        nested=nested, log_system_metrics=system_metrics,
+        log_system_metrics=system_metrics,
     )
     try:
         if params and not run_id:
             log_params(params)
+        if parent_run_id:
+            mlflow.set_tag("mlflow.parentRunId", parent_run_id)
         if tags:
             mlflow.set_tags(tags)
         yield active
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"[:5000]
-        mlflow.set_tag("failure_reason", reason)
-        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(exc, (KeyboardInterrupt, RunStopped))
+        mlflow.set_tag("stop_reason" if stopped else "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="KILLED" if stopped else "FAILED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
@@ -150,3 +159,112 @@ def log_pyfunc_model(name: str, python_model, artifacts: dict, signature, input_
         name=name, python_model=python_model, artifacts=artifacts, signature=signature,
         input_example=input_example, code_paths=code_paths,
     )
+
+
+def download_model_checkpoint(uri: str) -> Path:
+    """The checkpoint file (*.pt) of a logged boundary model: models:/NAME/VERSION or runs:/ID/model."""
+    mlflow = _mlflow()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # MLflow raises its own exception types
+        raise GrainlabError(f"cannot fetch model {uri!r} from {mask_url(tracking_uri())}: {exc}") from None
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise GrainlabError(f"{uri}: the model's artifacts hold no checkpoint (*.pt); is it a boundary model?")
+    return found[0]
+
+
+def log_pyfunc_model_pinned(name: str, python_model, artifacts: dict, signature, packages, code_paths=None):
+    """log_pyfunc_model with pip requirements pinned to the installed versions of `packages`.
+
+    This skips MLflow's requirement inference, which loads and runs the model in a subprocess.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for package in packages:
+        try:
+            requirements.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return _mlflow().pyfunc.log_model(
+        name=name, python_model=python_model, artifacts=artifacts, signature=signature,
+        code_paths=code_paths, pip_requirements=requirements,
+    )
+
+
+def create_run(experiment: str, run_name: str, tags: dict) -> str:
+    """Create a run without making it active (e.g. an Optuna study's parent run); return its id."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    run = MlflowClient().create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def log_to_run(run_id: str, metrics: dict | None = None, artifacts=(), finish: bool = True):
+    """Log metrics and files to a run that is not the active one, and mark it finished."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    client = MlflowClient()
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    if finish:
+        client.set_terminated(run_id, "FINISHED")
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def best_run(experiment: str, filter_string: str, metric: str):
+    """The FINISHED run of an experiment with the highest `metric` among those matching the filter."""
+    from mlflow import MlflowClient
+
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    status = "attributes.status = 'FINISHED'"
+    runs = MlflowClient().search_runs(
+        [exp.experiment_id], f"{filter_string} and {status}" if filter_string else status,
+        order_by=[f"metrics.`{metric}` DESC"], max_results=50,
+    )
+    runs = [r for r in runs if metric in r.data.metrics and math.isfinite(r.data.metrics[metric])]
+    return runs[0] if runs else None
+
+
+def register_version(name: str, run, model_name: str, tags: dict):
+    """Register the run's logged model under `name` (once per run), tagged; return the version."""
+    from mlflow import MlflowClient
+
+    mlflow = _mlflow()
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.run_id == run.info.run_id:
+            return version
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/{model_name}", name,
+                                    tags={k: str(v) for k, v in tags.items()})
+    return version
+
+
+def alias_version(name: str, alias: str):
+    """The version holding an alias, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _mlflow()
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str):
+    from mlflow import MlflowClient
+
+    _mlflow()
+    MlflowClient().set_registered_model_alias(name, alias, str(version))

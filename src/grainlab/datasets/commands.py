@@ -15,17 +15,22 @@ def register(groups, common):
     synth = verbs.add_parser(
         "synth", parents=[common], help="generate the synthetic datasets under data/",
         description="Generate the thin-film BF TEM recipes (lopez-toderas, grae, gong, grae-large) with "
-        "their held-out test set under data/grain_boundaries/. Deterministic: the same params give "
-        "byte-identical files.",
+        "their held-out test set under data/grain_boundaries/, and the steel microstructure library "
+        "(quiz-1 and quiz-2 analogues) under data/microstructures/. Deterministic: the same params "
+        "give byte-identical files.",
+    )
+    synth.add_argument(
+        "--only", choices=("grain_boundaries", "microstructures"), default=None,
+        help="make only one of the two data families (default: both)",
     )
     synth.add_argument("--out", default=None, help="data root (default: data.root from params, 'data')")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: data.workers)")
     synth.set_defaults(func=run_synth)
 
     preview = verbs.add_parser(
-        "preview", parents=[common], help="write a contact sheet of a synthetic tilt series",
-        description="Write a PNG contact sheet: one synthetic region across its tilts, the per-image and "
-        "composite tracings and the exact truth.",
+        "preview", parents=[common], help="write contact sheets of the synthetic data",
+        description="Write PNG contact sheets: one synthetic region across its tilts with the per-image and "
+        "composite tracings and the exact truth; and every microstructure class at several magnifications.",
     )
     preview.add_argument("--out", default="reports/preview", help="output folder (default: %(default)s)")
     preview.set_defaults(func=run_preview)
@@ -50,6 +55,7 @@ def register(groups, common):
 
 
 def run_synth(args):
+    from grainlab.datasets.microstructures import build_library
     from grainlab.datasets.recipes import build_tem_datasets
     from grainlab.images import staged_dir
 
@@ -57,19 +63,30 @@ def run_synth(args):
     root = Path(args.out or params.data.root)
     workers = args.workers or params.data.workers
     start = time.perf_counter()
-    with staged_dir(root / "grain_boundaries") as tmp:
-        counts = build_tem_datasets(params, tmp, workers=workers)
-    for name, n in counts.items():
-        print(f"{root / 'grain_boundaries' / name}: {n} pairs")
+    if args.only in (None, "grain_boundaries"):
+        with staged_dir(root / "grain_boundaries") as tmp:
+            counts = build_tem_datasets(params, tmp, workers=workers)
+        for name, n in counts.items():
+            print(f"{root / 'grain_boundaries' / name}: {n} pairs")
+    if args.only in (None, "microstructures"):
+        with staged_dir(root / "microstructures") as tmp:
+            build_library(params.microstructures, tmp, params.seed, workers)
+        print(f"{root / 'microstructures'}: steel micrograph library")
     print(f"synthesised in {time.perf_counter() - start:.1f} s ({params.profile} profile, seed {params.seed})")
 
 
 def run_preview(args):
+    from grainlab.datasets.microstructures import write_preview
     from grainlab.datasets.preview import write_tem_preview
 
     params = params_from(args)
-    out = write_tem_preview(params, Path(args.out) / "tem_tilt_series.png")
-    print(f"wrote {out}")
+    out = Path(args.out)
+    print(f"wrote {write_tem_preview(params, out / 'tem_tilt_series.png')}")
+    library = Path(params.data.root) / "microstructures"
+    if (library / "manifest.json").is_file():
+        print(f"wrote {write_preview(library, out / 'microstructures.png')}")
+    else:
+        print(f"no microstructure library at {library}; run `grainlab data synth` for its preview")
 
 
 def run_import(args):

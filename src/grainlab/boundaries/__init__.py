@@ -1,0 +1,1 @@
+"""Grain-boundary tracing: U-Net, losses, training, tiled inference, grains and metrics."""

@@ -1,0 +1,100 @@
+"""Score a model, or the classical baseline: on a test set with exact truth, or on the
+validation regions of a hand-traced dataset (e.g. tbm-dev, split by source id)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from grainlab.boundaries.baseline import trace_classical
+from grainlab.boundaries.grains import Postprocess, heyn_intercept, label_grains, trace_boundaries
+from grainlab.boundaries.infer import LoadedModel, predict_probability
+from grainlab.boundaries.metrics import boundary_scores, mean_scores, score_tracing
+from grainlab.config import BoundaryConfig, to_dict
+from grainlab.datasets.folder import TestItem
+from grainlab.images import read_image, read_labels, read_mask
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """What a tracer made of one image."""
+
+    probability: np.ndarray
+    tracing: np.ndarray
+    grains: np.ndarray
+
+
+def postprocess_settings(cfg: BoundaryConfig) -> Postprocess:
+    return Postprocess(**to_dict(cfg.postprocess))
+
+
+def model_tracer(model: LoadedModel, cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
+    post = postprocess_settings(cfg)
+
+    def trace(image):
+        prob = predict_probability(model, image, cfg.tile_px, cfg.tile_overlap, cfg.tile_batch)
+        tracing = trace_boundaries(prob, post)
+        return Tracing(prob, tracing, label_grains(tracing, post))
+
+    return trace
+
+
+def baseline_tracer(cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
+    post = postprocess_settings(cfg)
+
+    def trace(image):
+        gradient, tracing = trace_classical(image)
+        return Tracing(gradient, tracing, label_grains(tracing, post))
+
+    return trace
+
+
+def score_items(
+    tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str, tolerance: int
+) -> list[dict[str, float]]:
+    """Per-image metrics of a tracer on test items (each row also names its image)."""
+    rows = []
+    for item in items:
+        result = tracer(read_image(item.image, channels=channels))
+        truth = read_mask(item.boundaries)
+        scores = score_tracing(result.tracing, result.grains, truth, read_labels(item.grains), tolerance)
+        rows.append({"image": item.name, **scores})
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    return mean_scores([{k: v for k, v in r.items() if k != "image"} for r in rows])
+
+
+def score_validation_regions(
+    tracer: Callable[[np.ndarray], Tracing], pairs: list, channels: str, tolerance: int
+) -> dict[str, dict[str, float]]:
+    """Per region of hand-traced pairs: boundary F1 and the Heyn mean intercept, traced vs by hand.
+
+    The hand tracings are the truth here (no exact grains), so grain metrics are left out.
+    """
+    by_region: dict[str, list] = {}
+    for pair in pairs:
+        result = tracer(read_image(pair.image, channels=channels))
+        truth = read_mask(pair.label)
+        f1 = boundary_scores(result.tracing, truth, tolerance)["boundary_f1"]
+        by_region.setdefault(pair.region, []).append(
+            (f1, heyn_intercept(result.tracing), heyn_intercept(truth))
+        )
+    out = {}
+    for region, rows in sorted(by_region.items()):
+        f1, pred, true = (np.array(col, dtype=float) for col in zip(*rows, strict=True))
+        heyn_pred, heyn_true = (
+            float(np.mean(pred[np.isfinite(pred)])),
+            float(np.mean(true[np.isfinite(true)])),
+        )
+        out[region] = {
+            "images": float(len(rows)),
+            "boundary_f1": float(f1.mean()),
+            "heyn_pred_px": heyn_pred,
+            "heyn_true_px": heyn_true,
+            "heyn_error": heyn_pred / heyn_true - 1,
+        }
+    return out

@@ -1,0 +1,371 @@
+"""Train the boundary U-Net on one dataset with one loss, tracked in MLflow.
+
+A run writes into outputs/boundaries/<dataset>-<loss>/:
+
+    checkpoints/last.pt    written every epoch (atomically): model, optimizer, RNG states,
+                           epoch, history, params and the MLflow run id; `resume` goes on from it
+    snapshots/             test-image predictions at the snapshot epochs
+    history.csv            per-epoch curves (for `dvc plots`)
+    metrics.json           final validation metrics and test metrics per snapshot (for DVC)
+    loss_curve.png
+
+On the CPU a run is deterministic: the same params and seed give the same weights,
+with or without an interruption and `resume` in between.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from grainlab import tracking
+from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
+from grainlab.boundaries.evaluate import model_tracer, postprocess_settings, score_items, summarise
+from grainlab.boundaries.grains import label_grains, trace_boundaries
+from grainlab.boundaries.infer import LoadedModel, pick_device, predict_logits, read_checkpoint
+from grainlab.boundaries.losses import make_loss
+from grainlab.boundaries.metrics import boundary_scores, partition_scores
+from grainlab.boundaries.unet import UNetArgs, build_unet
+from grainlab.config import Params, flatten, to_dict
+from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
+from grainlab.errors import GrainlabError
+from grainlab.images import atomic_path, read_image, write_image, write_mask
+
+OUTPUT_ROOT = Path("outputs/boundaries")
+
+
+class TrainingDiverged(GrainlabError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    run_id: str
+    history: list[dict]
+    metrics: dict
+
+
+def dataset_root(params: Params, dataset: str) -> Path:
+    """A dataset name under data/grain_boundaries/, or a path to a dataset folder."""
+    path = Path(dataset)
+    if (path / "manifest.json").is_file():
+        return path
+    root = Path(params.data.root) / params.boundaries.datasets_dir / dataset
+    if not (root / "manifest.json").is_file():
+        raise GrainlabError(
+            f"dataset {dataset!r}: no manifest.json at {root} (nor at {path}); run `grainlab data synth`, "
+            "`grainlab data import`, or pass a dataset folder"
+        )
+    return root
+
+
+def test_items(params: Params) -> list:
+    """The held-out test set (its first boundaries.test_max_images), or [] when it has not been made."""
+    cfg = params.boundaries
+    root = Path(params.data.root) / cfg.datasets_dir / cfg.test_set
+    items = load_test_set(root) if (root / "manifest.json").is_file() else []
+    return items[: cfg.test_max_images] if cfg.test_max_images else items
+
+
+def set_determinism(seed: int, device: torch.device):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Write a checkpoint atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _rng_state(sampler: CropSampler) -> dict:
+    state = {"torch": torch.get_rng_state(), "sampler": sampler.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, sampler: CropSampler):
+    torch.set_rng_state(state["torch"])
+    sampler.generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resume_params(saved: dict, params: Params, path: Path):
+    now, before = flatten(params), flatten(saved)
+    allowed = {"boundaries.epochs", "boundaries.snapshot_epochs", "boundaries.workers"}
+    changed = sorted(k for k in set(now) | set(before) if k not in allowed and now.get(k) != before.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise GrainlabError(
+            f"{path}: cannot resume, the params differ from the checkpoint's ({diffs}); only "
+            "boundaries.epochs, snapshot_epochs and workers may change. Train afresh without --resume."
+        )
+
+
+def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
+    net.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+        else:
+            loss = loss_fn(net(x), y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: loss = {loss.item()} at epoch {epoch}, step {step}; "
+                "lower boundaries.lr or choose another loss"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def validate(model: LoadedModel, samples, loss_fn, params: Params) -> dict[str, float]:
+    """Validation loss and tracing metrics over whole validation images."""
+    cfg = params.boundaries
+    post = postprocess_settings(cfg)
+    model.net.eval()
+    losses, rows = [], []
+    for image, mask in samples:
+        chw = image.astype(np.float32)
+        logits = predict_logits(
+            model,
+            np.moveaxis(chw, 0, 2) if chw.shape[0] == 3 else chw[0],
+            cfg.tile_px,
+            cfg.tile_overlap,
+            cfg.tile_batch,
+        )
+        target = torch.from_numpy(mask[None, None].astype(np.float32))
+        losses.append(loss_fn(torch.from_numpy(logits[None, None]), target).item())
+        tracing = trace_boundaries(1 / (1 + np.exp(-np.clip(logits, -50, 50))), post)
+        truth = trace_boundaries(mask.astype(np.float32), post)
+        rows.append(
+            {
+                **boundary_scores(tracing, truth, cfg.tolerance_px),
+                **partition_scores(label_grains(tracing, post), label_grains(truth, post)),
+            }
+        )
+    out = {"val/loss": float(np.mean(losses))}
+    for key in (
+        "boundary_f1",
+        "boundary_precision",
+        "boundary_recall",
+        "vi",
+        "vi_split",
+        "vi_merge",
+        "adapted_rand",
+    ):
+        out[f"val/{key}"] = float(np.mean([r[key] for r in rows]))
+    return out
+
+
+def write_snapshot(
+    model: LoadedModel, params: Params, items: list, out_dir: Path, epoch: int
+) -> dict[str, float]:
+    """Predict the held-out test image (written as PNGs) and score the test set at this epoch."""
+    cfg = params.boundaries
+    channels = "rgb" if model.in_channels == 3 else "grey"
+    tracer = model_tracer(model, cfg)
+    item = items[min(cfg.test_image, len(items) - 1)]
+    result = tracer(read_image(item.image, channels=channels))
+    write_image(out_dir / "snapshots" / f"epoch-{epoch:03d}-probability.png", result.probability)
+    write_mask(out_dir / "snapshots" / f"epoch-{epoch:03d}-tracing.png", result.tracing)
+    rows = score_items(tracer, items, channels, cfg.tolerance_px)
+    return {f"test/{k}": v for k, v in summarise(rows).items()}
+
+
+def write_history(out_dir: Path, history: list[dict]):
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with atomic_path(out_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def write_json(path: Path, data):
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({k: clean(v) for k, v in data.items()}, indent=1) + "\n")
+
+
+def train_boundaries(
+    params: Params,
+    dataset: str,
+    loss: str | None = None,
+    *,
+    resume: bool = False,
+    out_root: Path = OUTPUT_ROOT,
+    log_model: bool = True,
+    experiment: str = tracking.BOUNDARY_EXPERIMENT,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict | None = None,
+    on_epoch=None,
+    on_run=None,
+) -> TrainResult:
+    """Train one (dataset, loss) run; see the module docstring for what it writes.
+
+    on_run(run_id) is called once the MLflow run exists, on_epoch(epoch, metrics) after each
+    epoch (an Optuna trial reports and prunes there); parent_run_id nests the run.
+    """
+    cfg = params.boundaries
+    loss = loss or cfg.loss
+    loss_fn = make_loss(loss, **cfg.loss_args.get(loss, {}))
+    ds = load_dataset(dataset_root(params, dataset))
+    train_pairs, val_pairs = split_by_region(ds.pairs, cfg.val_fraction, params.seed)
+    if cfg.val_max_images:  # spread over the validation regions
+        val_pairs = val_pairs[:: max(1, len(val_pairs) // cfg.val_max_images)][: cfg.val_max_images]
+    out_dir = Path(out_root) / f"{ds.name}-{loss}"
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    items = test_items(params)
+
+    device = pick_device()
+    set_determinism(params.seed, device)
+    max_px = params.data.max_image_pixels
+    train_samples = load_pairs(train_pairs, cfg.unet.in_channels, max_px)
+    val_samples = load_pairs(val_pairs, cfg.unet.in_channels, max_px)
+    model_args = UNetArgs(**to_dict(cfg.unet))
+    net = build_unet(model_args).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sampler = CropSampler(len(train_samples), cfg.samples_per_epoch, params.seed)
+    loader = DataLoader(
+        CropDataset(train_samples, cfg.crop_px, build_augmentation(cfg.augment)),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(params.seed),
+    )
+
+    history: list[dict] = []
+    start_epoch, run_id = 1, None
+    if resume:
+        ckpt = read_checkpoint(ckpt_path)
+        _check_resume_params(ckpt["params"], params, ckpt_path)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _restore_rng(ckpt["rng"], sampler)
+        history, start_epoch, run_id = list(ckpt["history"]), ckpt["epoch"] + 1, ckpt["run_id"]
+    model = LoadedModel(net, device, to_dict(params), 0)
+    tags = {
+        **tracking.standard_tags(dataset=ds.name, loss=loss, device=device_name(device), stage="boundary-train"),
+        **(run_tags or {}),
+    }
+    run_params = {
+        **flatten(params),
+        "dataset": ds.name,
+        "loss": loss,
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+    }
+    with tracking.run(
+        experiment,
+        run_name=run_name or f"{ds.name}-{loss}",
+        run_id=run_id,
+        params=run_params,
+        tags=tags,
+        parent_run_id=parent_run_id,
+    ) as active:
+        run_id = active.info.run_id
+        if on_run is not None:
+            on_run(run_id)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            start = time.perf_counter()
+            row = {"epoch": epoch, "train/loss": train_epoch(net, loader, loss_fn, optimizer, device, epoch)}
+            row.update(validate(model, val_samples, loss_fn, params))
+            if epoch in cfg.snapshot_epochs and items:
+                row.update(write_snapshot(model, params, items, out_dir, epoch))
+            row["time/epoch_s"] = time.perf_counter() - start
+            history.append(row)
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model_args": model_args.to_dict(),
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(sampler),
+                    "epoch": epoch,
+                    "history": history,
+                    "params": to_dict(params),
+                    "run_id": run_id,
+                    "dataset": ds.name,
+                    "loss": loss,
+                },
+            )
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+        metrics = final_metrics(history, cfg.snapshot_epochs)
+        write_outputs(out_dir, history, metrics, f"{ds.name} / {loss}")
+        if (out_dir / "snapshots").is_dir():
+            tracking.log_artifacts(out_dir / "snapshots", "snapshots")
+        for name in ("loss_curve.png", "history.csv", "metrics.json"):
+            tracking.log_artifact(out_dir / name)
+        if log_model:
+            from grainlab.serving import log_boundary_model
+
+            log_boundary_model(ckpt_path)
+    return TrainResult(out_dir, run_id, history, metrics)
+
+
+def load_result(out_dir: Path) -> TrainResult:
+    """A finished run's result, read back from its output folder (e.g. a DVC stage's outputs)."""
+    ckpt = read_checkpoint(Path(out_dir) / "checkpoints" / "last.pt")
+    metrics_path = Path(out_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise GrainlabError(f"{metrics_path}: not found; the run in {out_dir} did not finish")
+    return TrainResult(Path(out_dir), ckpt["run_id"], list(ckpt["history"]), json.loads(metrics_path.read_text()))
+
+
+def final_metrics(history: list[dict], snapshot_epochs) -> dict:
+    """The last epoch's validation metrics plus the test metrics at each snapshot epoch."""
+    last = history[-1]
+    out = {k: v for k, v in last.items() if k.startswith(("val/", "train/"))}
+    out["epochs"] = last["epoch"]
+    for row in history:
+        if row["epoch"] in snapshot_epochs:
+            out.update(
+                {f"test_e{row['epoch']:03d}/{k[5:]}": v for k, v in row.items() if k.startswith("test/")}
+            )
+    return out
+
+
+def write_outputs(out_dir: Path, history: list[dict], metrics: dict, title: str):
+    from grainlab.boundaries.figures import write_loss_curve
+
+    write_history(out_dir, history)
+    write_json(out_dir / "metrics.json", metrics)
+    write_loss_curve(out_dir / "loss_curve.png", history, title)
