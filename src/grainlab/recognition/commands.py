@@ -1,0 +1,219 @@
+"""`grainlab recognition ...`: train the recognizers, classify one micrograph, evaluate the quizzes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from grainlab.cli import params_from
+
+NOMAG = "-nomag"
+
+
+def register(groups, common):
+    rec = groups.add_parser("recognition", help="microstructure recognition: train, classify, evaluate")
+    verbs = rec.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    train = verbs.add_parser(
+        "train",
+        parents=[common],
+        help="train the triplet network and its open-set GMMs (MLflow tracked)",
+        description="Train one recognizer per task in recognition.tasks (quiz1: 5 steels; quiz2: 6 martensitic "
+        "variants) and, with recognition.ablation, a quiz-1 twin without the magnification input. Each model "
+        "goes to OUT/TASK (model.pt + gmm.json) and is one MLflow run with a logged pyfunc model.",
+    )
+    train.add_argument("--data", default=None, help="library folder (default: DATA_ROOT/microstructures)")
+    train.add_argument("--out", default=None, help="model folder (default: recognition.out_dir)")
+    train.set_defaults(func=run_train)
+
+    classify = verbs.add_parser(
+        "classify",
+        parents=[common],
+        help="classify one micrograph and write its saliency overlay",
+        description="Average the class probabilities (with 'none of these') of many random crops of IMAGE; "
+        "print the distribution and write a saliency overlay PNG.",
+    )
+    classify.add_argument("image", help="micrograph (PNG, TIFF or JPEG)")
+    classify.add_argument("--px-per-um", required=True, help="magnification in pixels per micrometre")
+    classify.add_argument(
+        "--model",
+        default=None,
+        help="model folder, runs:/ID/model or models:/NAME/VERSION (default: OUT_DIR/quiz1)",
+    )
+    classify.add_argument(
+        "--crops", type=int, default=None, help="crops (default: recognition.predict_crops)"
+    )
+    classify.add_argument(
+        "--out", default=None, help="saliency PNG (default: outputs/recognition/classify/STEM.png)"
+    )
+    classify.set_defaults(func=run_classify)
+
+    evaluate = verbs.add_parser(
+        "evaluate",
+        parents=[common],
+        help="score the trained models on the quiz sets",
+        description="Quiz accuracy ('none' counted), closed-set accuracy, open-set AUROC and OSCR, confusion "
+        "matrix, per-image probability table, descriptor scatter with GMM contours and saliency examples, for "
+        "every trained model, and the with/without magnification comparison.",
+    )
+    evaluate.add_argument("--data", default=None, help="library folder (default: DATA_ROOT/microstructures)")
+    evaluate.add_argument("--models", default=None, help="model folder (default: recognition.out_dir)")
+    evaluate.add_argument("--out", default="reports/recognition", help="report folder (default: %(default)s)")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def _library(args, params) -> Path:
+    return Path(args.data) if args.data else Path(params.data.root) / "microstructures"
+
+
+def model_variants(cfg) -> list[tuple[str, str, bool]]:
+    """(model name, task, use_magnification) of every model `train` makes."""
+    out = []
+    for task in cfg.tasks:
+        out.append((task if cfg.use_magnification else task + NOMAG, task, cfg.use_magnification))
+        if cfg.ablation and cfg.use_magnification and task == "quiz1":
+            out.append((task + NOMAG, task, False))
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from grainlab.images import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def run_train(args):
+    from grainlab import tracking
+    from grainlab.config import flatten
+    from grainlab.recognition.pyfunc import ARTIFACT, SERVING_PACKAGES, RecognitionModel, signature
+    from grainlab.recognition.train import load_images, train_recognizer
+
+    params = params_from(args)
+    library = _library(args, params)
+    out = Path(args.out or params.recognition.out_dir)
+    summary = {}
+    for name, task, use_mag in model_variants(params.recognition):
+        cfg = dataclasses.replace(params.recognition, use_magnification=use_mag)
+        data = load_images(library, task, "train")
+        run_params = {**flatten(dataclasses.replace(params, recognition=cfg)), "task": task, "model": name}
+        start = time.perf_counter()
+        history = {}
+
+        def on_epoch(epoch, metrics, history=history, name=name, epochs=cfg.epochs):
+            history.update(metrics)
+            tracking.log_metrics(metrics, step=epoch)
+            print(
+                f"{name} epoch {epoch + 1}/{epochs}: triplet loss {metrics['train/triplet_loss']:.4f}",
+                flush=True,
+            )
+
+        tags = tracking.standard_tags(
+            task=task, model=name, stage="recognition-train", profile=params.profile
+        )
+        with tracking.run(tracking.RECOGNITION_EXPERIMENT, run_name=name, params=run_params, tags=tags):
+            recognizer = train_recognizer(cfg, data, params.seed, on_epoch)
+            tracking.set_tags({"device": str(recognizer.device)})
+            model_dir = recognizer.save(out / name)
+            final = {
+                "train/triplet_loss": history["train/triplet_loss"],
+                "train/none_threshold": recognizer.gmm.threshold,
+                "train/seconds": time.perf_counter() - start,
+            }
+            tracking.log_metrics(final)
+            tracking.log_artifacts(model_dir, "model")
+            tracking.log_pyfunc_model_pinned(
+                "pyfunc",
+                RecognitionModel(),
+                {ARTIFACT: str(model_dir)},
+                signature(recognizer.gmm.labels),
+                SERVING_PACKAGES,
+                code_paths=[str(Path(__file__).resolve().parents[1])],
+            )
+        summary.update({f"{name}/{k.split('/')[-1]}": v for k, v in final.items()})
+        print(f"{name}: saved {model_dir} ({final['train/seconds']:.0f} s)")
+    _write_json(out / "train_metrics.json", summary)
+
+
+def _load_model(spec: str | None, out_dir: str, device: str):
+    from grainlab import tracking
+    from grainlab.recognition.predict import Recognizer
+
+    if spec and (spec.startswith("runs:/") or spec.startswith("models:/")):
+        return Recognizer.load(tracking.download_model_checkpoint(spec).parent, device)
+    return Recognizer.load(Path(spec or Path(out_dir) / "quiz1"), device)
+
+
+def run_classify(args):
+    from grainlab.images import read_image
+    from grainlab.recognition.crops import check_px_per_um
+    from grainlab.recognition.predict import write_saliency_figure
+
+    params = params_from(args)
+    cfg = params.recognition
+    m = check_px_per_um(args.px_per_um, "--px-per-um")
+    recognizer = _load_model(args.model, cfg.out_dir, cfg.device)
+    img = read_image(args.image, max_pixels=params.data.max_image_pixels)
+    pred = recognizer.predict(
+        img,
+        m,
+        n_crops=args.crops or cfg.predict_crops,
+        batch_size=cfg.batch_size,
+        seed=params.seed,
+        what=args.image,
+    )
+    for label, p in sorted(zip(pred.labels, pred.distribution, strict=True), key=lambda t: -t[1]):
+        print(f"{label:20s} {p:6.3f}")
+    print(f"answer: {pred.answer}")
+    if pred.extrapolating:
+        lo, hi = recognizer.px_per_um_range
+        print(
+            f"warning: {m:g} px/um is outside the trained range {lo:g}-{hi:g} px/um; the answer is an extrapolation"
+        )
+    out = Path(args.out or Path("outputs/recognition/classify") / f"{Path(args.image).stem}.png")
+    write_saliency_figure(img, pred, out, f"{Path(args.image).name}, {m:g} px/um")
+    print(f"wrote {out}")
+
+
+def run_evaluate(args):
+    from grainlab import tracking
+    from grainlab.errors import GrainlabError
+    from grainlab.recognition.evaluate import comparison_table, run_quiz, write_report
+    from grainlab.recognition.predict import Recognizer
+    from grainlab.recognition.train import load_images
+
+    params = params_from(args)
+    cfg = params.recognition
+    models, library, reports = Path(args.models or cfg.out_dir), _library(args, params), Path(args.out)
+    found = [(n, t) for n, t, _ in model_variants(cfg) if (models / n / "model.pt").is_file()]
+    if not found:
+        raise GrainlabError(
+            f"{models}: no trained recognition models; run `grainlab recognition train` first"
+        )
+    all_metrics: dict[str, dict] = {}
+    tags = tracking.standard_tags(stage="recognition-evaluate", profile=params.profile)
+    with tracking.run(tracking.RECOGNITION_EXPERIMENT, run_name="evaluate", tags=tags):
+        for name, task in found:
+            recognizer = Recognizer.load(models / name, cfg.device)
+            quiz = load_images(library, task, "quiz")
+            result = run_quiz(recognizer, quiz, name, cfg.eval_crops, cfg.batch_size, params.seed)
+            metrics = write_report(recognizer, result, reports / name)
+            all_metrics[name] = metrics
+            tracking.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
+            print(
+                f"{name}: quiz accuracy {metrics['quiz_accuracy']:.3f}, closed-set {metrics['closed_accuracy']:.3f}"
+                + (
+                    f", AUROC {metrics['open_set_auroc']:.3f}, OSCR {metrics['oscr']:.3f}"
+                    if "oscr" in metrics
+                    else ""
+                )
+            )
+        table = comparison_table(all_metrics)
+        (reports / "comparison.md").write_text("# Recognition quiz results\n\n" + table)
+        tracking.log_artifacts(reports, "reports")
+    print(table)
+    _write_json(
+        models / "metrics.json", {f"{n}/{k}": v for n, m in all_metrics.items() for k, v in m.items()}
+    )

@@ -1,0 +1,198 @@
+"""Crop-averaged image prediction with a trained recognizer, saliency maps and their overlays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grainlab.errors import GrainlabError
+from grainlab.images import atomic_path
+from grainlab.recognition.crops import (
+    check_px_per_um,
+    check_size,
+    crop_magnification,
+    extract,
+    sample_boxes,
+    to_channels,
+)
+from grainlab.recognition.model import TripletNet, log_magnification
+from grainlab.recognition.openset import OpenSetGMM
+
+CHECKPOINT = "model.pt"
+GMM_FILE = "gmm.json"
+
+
+@dataclass
+class Prediction:
+    """One image's answer: the crop-averaged distribution over the classes and "none"."""
+
+    labels: list[str]
+    distribution: np.ndarray
+    extrapolating: bool
+    boxes: np.ndarray
+    crop_probabilities: np.ndarray
+
+    @property
+    def answer(self) -> str:
+        return self.labels[int(np.argmax(self.distribution))]
+
+    def as_dict(self) -> dict:
+        return {
+            "answer": self.answer,
+            "probabilities": {k: float(p) for k, p in zip(self.labels, self.distribution, strict=True)},
+            "extrapolating": self.extrapolating,
+        }
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise GrainlabError(
+                "recognition.device = 'cuda': no CUDA device is available; expected 'auto' or 'cpu'"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Recognizer:
+    """A trained triplet network, its open-set GMMs and the crop settings it was trained with."""
+
+    def __init__(self, net: TripletNet, gmm: OpenSetGMM | None, meta: dict, device: torch.device):
+        self.net = net.to(device).eval()
+        self.gmm = gmm
+        self.device = device
+        self.meta = {k: v for k, v in meta.items() if k != "state_dict"}
+        self.crop_px = int(meta["crop_px"])
+        self.crop_min_px = int(meta["crop_min_px"])
+        self.crop_max_px = int(meta["crop_max_px"])
+        self.edge_channel = bool(meta["edge_channel"])
+        self.px_per_um_range = tuple(float(v) for v in meta["px_per_um_range"])
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> Recognizer:
+        """Load model.pt (weights_only) and gmm.json from a model folder."""
+        model_dir = Path(model_dir)
+        path = model_dir / CHECKPOINT
+        if not path.is_file():
+            raise GrainlabError(
+                f"{path}: recognition model not found; run `grainlab recognition train` first"
+            )
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            net = TripletNet(**ckpt["model_args"])
+            net.load_state_dict(ckpt["state_dict"])
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
+            raise GrainlabError(f"{path}: not a readable recognition checkpoint ({exc})") from None
+        return cls(net, OpenSetGMM.load(model_dir / GMM_FILE), ckpt, pick_device(device))
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write model.pt (plain tensors and values, readable with weights_only=True) and gmm.json."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        with atomic_path(model_dir / CHECKPOINT) as tmp:
+            torch.save({**self.meta, "state_dict": state}, tmp)
+        self.gmm.save(model_dir / GMM_FILE)
+        return model_dir
+
+    def extrapolates(self, px_per_um: float) -> bool:
+        lo, hi = self.px_per_um_range
+        return not lo <= px_per_um <= hi
+
+    @torch.inference_mode()
+    def descriptors(self, crops: np.ndarray, crop_px_per_um: np.ndarray) -> np.ndarray:
+        """(n, h, w) resampled crops and their px/um -> (n, dim) descriptors."""
+        x = torch.from_numpy(to_channels(crops, self.edge_channel)).to(self.device)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            z = self.net(x, log_magnification(crop_px_per_um).to(self.device))
+        return z.float().cpu().numpy()
+
+    def predict(
+        self,
+        img: np.ndarray,
+        px_per_um,
+        n_crops: int = 1000,
+        batch_size: int = 250,
+        seed: int = 0,
+        what: str = "image",
+    ) -> Prediction:
+        """Average the class probabilities (with "none") of n random crops, batched."""
+        m = check_px_per_um(px_per_um)
+        check_size(img.shape, self.crop_min_px, what)
+        rng = np.random.default_rng(seed)
+        boxes = sample_boxes(rng, img.shape, n_crops, self.crop_min_px, self.crop_max_px)
+        probs = []
+        for i in range(0, n_crops, batch_size):
+            b = boxes[i : i + batch_size]
+            z = self.descriptors(extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px))
+            probs.append(self.gmm.probabilities(z))
+        probs = np.concatenate(probs)
+        return Prediction(self.gmm.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs)
+
+
+def saliency_map(shape, boxes: np.ndarray, crop_probabilities: np.ndarray) -> np.ndarray:
+    """(H, W, labels): per pixel, the mean probabilities of the crops covering it (0 where none does)."""
+    h, w = shape[:2]
+    k = crop_probabilities.shape[1]
+    acc = np.zeros((h + 1, w + 1, k + 1))
+    values = np.concatenate([crop_probabilities, np.ones((len(boxes), 1))], axis=1)
+    top, left, s = boxes[:, 0], boxes[:, 1], boxes[:, 2]
+    for ys, xs, sign in ((top, left, 1), (top, left + s, -1), (top + s, left, -1), (top + s, left + s, 1)):
+        np.add.at(acc, (ys, xs), sign * values)
+    acc = acc.cumsum(0).cumsum(1)[:h, :w]
+    return acc[..., :k] / np.maximum(acc[..., k:], 1e-9)
+
+
+def label_colours(n_labels: int) -> np.ndarray:
+    """One RGB colour per label; "none" (the last) is grey."""
+    import matplotlib
+
+    colours = np.array(matplotlib.colormaps["tab10"].colors[: n_labels - 1])
+    return np.vstack([colours, [0.5, 0.5, 0.5]])
+
+
+def saliency_overlay(img: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB image: the grey micrograph tinted by the probability-weighted class colours."""
+    colour = saliency @ label_colours(saliency.shape[-1])
+    grey = np.repeat(img[..., None], 3, axis=2)
+    return np.clip((1 - alpha) * grey + alpha * colour * (0.5 + 0.5 * grey), 0, 1)
+
+
+def plot_saliency(ax_image, ax_overlay, img, prediction: Prediction, title: str = "") -> None:
+    """Draw an image and its saliency overlay with a legend on two matplotlib axes."""
+    from matplotlib.patches import Patch
+
+    sal = saliency_map(img.shape, prediction.boxes, prediction.crop_probabilities)
+    ax_image.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax_overlay.imshow(saliency_overlay(img, sal))
+    ax_image.set_title(title, fontsize=8)
+    ax_overlay.set_title(
+        f"answer: {prediction.answer}" + (" (extrapolating)" if prediction.extrapolating else ""), fontsize=8
+    )
+    colours = label_colours(len(prediction.labels))
+    handles = [
+        Patch(color=c, label=f"{name} {p:.2f}")
+        for c, name, p in zip(colours, prediction.labels, prediction.distribution, strict=True)
+    ]
+    ax_overlay.legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.8)
+    for ax in (ax_image, ax_overlay):
+        ax.set_axis_off()
+
+
+def write_saliency_figure(img: np.ndarray, prediction: Prediction, out_png: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+    plot_saliency(axes[0], axes[1], img, prediction, title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out_png

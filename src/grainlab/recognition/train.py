@@ -1,0 +1,156 @@
+"""Training: class-balanced batches of augmented crops, the triplet loss, then the open-set GMMs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grainlab.config import RecognitionConfig, to_dict
+from grainlab.datasets.microstructures import load_manifest, select
+from grainlab.errors import GrainlabError
+from grainlab.images import read_image
+from grainlab.recognition.augment import augment, build_augmenter
+from grainlab.recognition.crops import check_size, crop_magnification, extract, sample_boxes, to_channels
+from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
+from grainlab.recognition.openset import OpenSetGMM, fit_gmm
+from grainlab.recognition.predict import Recognizer, pick_device
+
+
+@dataclass
+class LabelledImages:
+    """The images of one task and split, with their magnification and class index."""
+
+    images: list[np.ndarray]
+    px_per_um: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    entries: list[dict]
+
+
+def load_images(library_dir: Path, task: str, split: str) -> LabelledImages:
+    """Read a task's images from the library; unknown-class images get the label -1."""
+    library_dir = Path(library_dir)
+    manifest = load_manifest(library_dir)
+    if task not in manifest["tasks"]:
+        raise GrainlabError(
+            f"{library_dir / 'manifest.json'}: no task {task!r}; expected one of {sorted(manifest['tasks'])}"
+        )
+    classes = manifest["tasks"][task]["classes"]
+    entries = select(manifest, task, split)
+    if not entries:
+        raise GrainlabError(
+            f"{library_dir}: no {split} images for task {task!r}; run `grainlab data synth` again"
+        )
+    images = [read_image(library_dir / e["file"]) for e in entries]
+    labels = np.array([classes.index(e["class"]) if e["class"] in classes else -1 for e in entries])
+    mags = np.array([e["px_per_um"] for e in entries], float)
+    return LabelledImages(images, mags, labels, classes, entries)
+
+
+def sample_crops(
+    data: LabelledImages, image_ids: np.ndarray, cfg: RecognitionConfig, rng: np.random.Generator
+):
+    """One random crop from each listed image: (crops, crop px/um)."""
+    crops = np.empty((len(image_ids), cfg.crop_px, cfg.crop_px), np.float32)
+    mags = np.empty(len(image_ids), np.float32)
+    for i, k in enumerate(image_ids):
+        img = data.images[k]
+        box = sample_boxes(rng, img.shape, 1, cfg.crop_min_px, cfg.crop_max_px)
+        crops[i] = extract(img, box, cfg.crop_px)[0]
+        mags[i] = crop_magnification(data.px_per_um[k], box, cfg.crop_px)[0]
+    return crops, mags
+
+
+def build_network(cfg: RecognitionConfig) -> tuple[TripletNet, dict]:
+    args = {
+        "in_channels": 2 if cfg.edge_channel else 1,
+        "widths": list(cfg.widths),
+        "descriptor_dim": cfg.descriptor_dim,
+        "use_magnification": cfg.use_magnification,
+        "magnification_mode": cfg.magnification_mode,
+    }
+    return TripletNet(**args), args
+
+
+def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on_epoch=None) -> Recognizer:
+    """Train the network on `data` and fit the GMMs; on_epoch(epoch, metrics) is called after each epoch."""
+    for e, img in zip(data.entries, data.images, strict=True):
+        check_size(img.shape, cfg.crop_min_px, e["file"])
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 3])
+    device = pick_device(cfg.device)
+    net, args = build_network(cfg)
+    net.to(device)
+    augmenter = build_augmenter(cfg.augment, seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
+    by_class = [np.flatnonzero(data.labels == k) for k in range(len(data.classes))]
+    labels = torch.arange(len(data.classes)).repeat_interleave(cfg.crops_per_class).to(device)
+    for epoch in range(cfg.epochs):
+        start, losses, active = time.perf_counter(), [], []
+        net.train()
+        for _ in range(cfg.steps_per_epoch):
+            ids = np.concatenate([rng.choice(ids, cfg.crops_per_class) for ids in by_class])
+            crops, mags = sample_crops(data, ids, cfg, rng)
+            x = torch.from_numpy(to_channels(augment(crops, augmenter), cfg.edge_channel)).to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                z = net(x, log_magnification(mags).to(device)).float()
+            loss, frac = triplet_loss(z, labels, cfg.margin, cfg.mining)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            active.append(frac.item())
+        if on_epoch is not None:
+            on_epoch(
+                epoch,
+                {
+                    "train/triplet_loss": float(np.mean(losses)),
+                    "train/active_triplets": float(np.mean(active)),
+                    "train/epoch_seconds": time.perf_counter() - start,
+                },
+            )
+    recognizer = Recognizer(net, None, _meta(args, cfg, data), device)
+    recognizer.gmm = fit_open_set(recognizer, data, cfg, seed)
+    return recognizer
+
+
+def fit_open_set(
+    recognizer: Recognizer, data: LabelledImages, cfg: RecognitionConfig, seed: int
+) -> OpenSetGMM:
+    """One GaussianMixture per class on descriptors of un-augmented training crops; the "none"
+    threshold from a percentile of the likelihoods of a second, held-out set of crops."""
+
+    def crop_descriptors(rng_key: int):
+        rng = np.random.default_rng([seed, rng_key])
+        ids = np.repeat(np.arange(len(data.images)), cfg.gmm_crops_per_image)
+        crops, mags = sample_crops(data, ids, cfg, rng)
+        z = np.concatenate(
+            [recognizer.descriptors(crops[i : i + 256], mags[i : i + 256]) for i in range(0, len(ids), 256)]
+        )
+        return z, data.labels[ids]
+
+    z, y = crop_descriptors(4)
+    calibration = crop_descriptors(5) if cfg.none_threshold is None else None
+    return fit_gmm(
+        z, y, data.classes, cfg.gmm_components, cfg.none_percentile, cfg.none_threshold, seed, calibration
+    )
+
+
+def _meta(args: dict, cfg: RecognitionConfig, data: LabelledImages) -> dict:
+    """What model.pt holds besides the weights: plain values only (torch.load with weights_only=True)."""
+    return {
+        "model_args": args,
+        "classes": list(data.classes),
+        "px_per_um_range": [float(data.px_per_um.min()), float(data.px_per_um.max())],
+        "crop_px": cfg.crop_px,
+        "crop_min_px": cfg.crop_min_px,
+        "crop_max_px": cfg.crop_max_px,
+        "edge_channel": cfg.edge_channel,
+        "params": to_dict(cfg),
+    }

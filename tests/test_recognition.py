@@ -1,0 +1,147 @@
+"""Recognition units: crops, triplet loss, open-set GMM, saliency, quiz metrics, the library plan."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grainlab.config import MicroConfig
+from grainlab.datasets.microstructures import build_library, load_manifest, plan_library, write_preview
+from grainlab.errors import GrainlabError
+from grainlab.recognition.crops import check_px_per_um, check_size, crop_magnification, extract, sample_boxes
+from grainlab.recognition.evaluate import oscr
+from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
+from grainlab.recognition.openset import OpenSetGMM, fit_gmm
+from grainlab.recognition.predict import saliency_map, saliency_overlay
+
+TINY = MicroConfig(
+    image_px=64, quiz1_train=5, quiz1_quiz_known=2, quiz1_quiz_unknown=1, quiz2_train=6, quiz2_quiz=2
+)
+
+
+def test_library_plan_matches_the_paper_quizzes():
+    entries = plan_library(MicroConfig(), seed=0)
+    q1_train = [e for e in entries if e["task"] == "quiz1" and e["split"] == "train"]
+    q1_quiz = [e for e in entries if e["task"] == "quiz1" and e["split"] == "quiz"]
+    q2 = [e for e in entries if e["task"] == "quiz2"]
+    assert len(q1_train) == 134 and len(q1_quiz) == 36
+    assert {e["answer"] for e in q1_quiz} >= {"none", "ferrite"}
+    assert all(1.0 <= e["px_per_um"] <= 200.0 for e in q1_train)
+    assert sum(e["split"] == "train" for e in q2) == 58 and sum(e["split"] == "quiz" for e in q2) == 21
+    assert {e["px_per_um"] for e in q2} == {53.0, 106.0} and {e["style"] for e in q2} == {"sem"}
+    assert len({e["file"] for e in entries}) == len(entries)
+
+
+def test_library_is_byte_identical_whatever_the_workers(tmp_path):
+    build_library(TINY, tmp_path / "a", seed=1, workers=1)
+    build_library(TINY, tmp_path / "b", seed=1, workers=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 5 + 3 + 6 + 2 + 2  # images, manifest, preview
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    manifest = load_manifest(tmp_path / "a")
+    assert manifest["tasks"]["quiz1"]["unknown"] and manifest["images"][0]["px_per_um"] > 0
+    assert write_preview(tmp_path / "a", tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_missing_library_names_the_manifest(tmp_path):
+    with pytest.raises(GrainlabError, match="manifest.json.*grainlab data synth"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [None, 0, -2.0, float("nan"), float("inf"), "abc"])
+def test_bad_magnification_is_refused_with_its_name(bad):
+    with pytest.raises(GrainlabError, match="--px-per-um.*positive"):
+        check_px_per_um(bad, "--px-per-um")
+
+
+def test_image_smaller_than_a_crop_is_refused():
+    with pytest.raises(GrainlabError, match="a.png: 40x30 pixels is smaller than the smallest crop"):
+        check_size((30, 40), 32, "a.png")
+
+
+def test_crops_lie_inside_and_carry_their_magnification():
+    rng = np.random.default_rng(0)
+    boxes = sample_boxes(rng, (100, 150), 500, 20, 80)
+    top, left, side = boxes.T
+    assert side.min() >= 20 and side.max() <= 80 and (top + side <= 100).all() and (left + side <= 150).all()
+    crops = extract(np.random.default_rng(1).random((100, 150), dtype=np.float32), boxes[:3], 32)
+    assert crops.shape == (3, 32, 32)
+    assert np.allclose(crop_magnification(10.0, np.array([[0, 0, 64]]), 32), 5.0)
+
+
+def test_network_takes_magnification_by_concat_or_film():
+    x, m = torch.randn(4, 2, 32, 32), log_magnification([1.0, 10.0, 100.0, 200.0])
+    for kw in (
+        {"magnification_mode": "concat"},
+        {"magnification_mode": "film"},
+        {"use_magnification": False},
+    ):
+        net = TripletNet(2, (8, 16), descriptor_dim=3, **kw).eval()
+        assert net(x, m).shape == (4, 3)
+    net = TripletNet(2, (8, 16)).eval()
+    assert not torch.allclose(
+        net(x[:1].repeat(2, 1, 1, 1), log_magnification([1.0, 100.0]))[0],
+        net(x[:1].repeat(2, 1, 1, 1), log_magnification([1.0, 100.0]))[1],
+    )
+
+
+@pytest.mark.parametrize("mining", ["batch-hard", "semi-hard"])
+def test_triplet_loss_is_zero_when_classes_are_far_apart_and_positive_when_collapsed(mining):
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    apart = torch.tensor([[0.0, 0], [0.1, 0], [10, 0], [10, 0.1], [0, 10], [0.1, 10]], requires_grad=True)
+    loss, active = triplet_loss(apart, labels, 1.0, mining)
+    assert loss.item() == 0 and active.item() == 0
+    collapsed = torch.zeros(6, 2, requires_grad=True)
+    loss, _ = triplet_loss(collapsed + 1e-3 * torch.randn(6, 2), labels, 1.0, mining)
+    assert loss.item() == pytest.approx(1.0, abs=0.05)
+    loss.backward()
+
+
+def _blobs():
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal([0, 0], 0.3, (200, 2)), rng.normal([5, 0], 0.3, (200, 2))])
+    return z, np.repeat([0, 1], 200)
+
+
+def test_open_set_gmm_answers_none_far_from_every_class(tmp_path):
+    z, y = _blobs()
+    gmm = fit_gmm(z, y, ["a", "b"], n_components=2, percentile=1.0)
+    p = gmm.probabilities(np.array([[0.0, 0.0], [5.0, 0.0], [2.5, 8.0]]))
+    assert np.allclose(p.sum(axis=1), 1)
+    assert p[0].argmax() == 0 and p[1].argmax() == 1 and p[2, -1] == 1.0
+    assert gmm.labels == ["a", "b", "none"]
+    gmm.save(tmp_path / "gmm.json")
+    again = OpenSetGMM.load(tmp_path / "gmm.json")
+    assert json.loads((tmp_path / "gmm.json").read_text())["classes"] == ["a", "b"]
+    assert np.allclose(again.log_likelihood(z[:5]), gmm.log_likelihood(z[:5]))
+
+
+def test_gmm_log_likelihood_matches_scikit_learn():
+    from sklearn.mixture import GaussianMixture
+
+    z, y = _blobs()
+    g = GaussianMixture(2, random_state=0).fit(z[y == 0])
+    ours = OpenSetGMM(["a"], [g.weights_], [g.means_], [g.covariances_], 0.0)
+    assert np.allclose(ours.log_likelihood(z[:20])[:, 0], g.score_samples(z[:20]))
+
+
+def test_saliency_is_the_mean_of_covering_crops():
+    boxes = np.array([[0, 0, 4], [2, 2, 4]])
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    sal = saliency_map((8, 8), boxes, probs)
+    assert (
+        np.allclose(sal[0, 0], [1, 0])
+        and np.allclose(sal[3, 3], [0.5, 0.5])
+        and np.allclose(sal[5, 5], [0, 1])
+    )
+    assert np.allclose(sal[7, 7], 0)
+    assert saliency_overlay(np.zeros((8, 8)), sal).shape == (8, 8, 3)
+
+
+def test_oscr_is_one_for_a_perfect_open_set_classifier_and_lower_otherwise():
+    assert oscr(np.array([True, True]), np.array([0.9, 0.8]), np.array([0.1, 0.2])) == pytest.approx(1.0)
+    worse = oscr(np.array([True, False]), np.array([0.9, 0.8]), np.array([0.85, 0.2]))
+    assert 0 < worse < 1 and not math.isnan(worse)
