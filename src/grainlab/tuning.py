@@ -4,7 +4,7 @@ A study lives in an Optuna storage: by default a local journal file (no server, 
 several processes on one machine), or any RDB URL, e.g. PostgreSQL shared by workers on
 many machines (`--storage` or GRAINLAB_OPTUNA_STORAGE). With an RDB storage each trial
 sends heartbeats; a trial whose worker died is marked failed by the next worker and
-retried (RetryFailedTrialCallback). Workers stop once the study holds n_trials finished
+retried (RetryHeartbeatStaleTrialCallback). Workers stop once the study holds n_trials finished
 (complete or pruned) trials.
 
 Each trial is an MLflow run nested under one parent run of the study, in the experiment
@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -43,6 +44,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_ATTR = "mlflow_parent_run_id"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats, their retry callback and the matplotlib plots are marked experimental in Optuna 5.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class Pruned(tracking.RunStopped, optuna.TrialPruned):
@@ -200,15 +203,20 @@ def open_storage(url: str | None, params: Params, journal: Path):
             f"--storage {tracking.mask_url(url)}: expected a database URL such as "
             "postgresql://user@host:5432/db (or leave it out for a local journal file)"
         )
-    try:
-        return RDBStorage(
-            url, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=cfg.max_retry),
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    except Exception as exc:  # SQLAlchemy's many connection errors
-        raise GrainlabError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0]}") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except Exception as exc:  # SQLAlchemy's many error types
+            # Workers starting together on a fresh database race to create its tables: try again.
+            if attempt < 2 and "IntegrityError" in type(exc).__name__ + str(exc):
+                time.sleep(1 + attempt)
+                continue
+            raise GrainlabError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0]}") from None
 
 
 def _pruner(params: Params):
