@@ -21,8 +21,14 @@ data: setup
 preview: setup
 	$(GL) data preview
 
-run: setup data preview
-	@echo "Data: data/grain_boundaries/ (one folder per recipe, plus test/). Preview: reports/preview/"
+# The whole demo: data, then every pipeline stage (dvc.yaml), then where to look.
+run: setup data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@sed -n '/^## Answers/,/^## Test/p' reports/boundaries/study.md | sed '$$d'
+	@echo "Open reports/index.html (the report), or 'make ui' (MLflow runs at http://127.0.0.1:5000)."
+	@echo "Metrics: '.venv/bin/dvc metrics show'; loss curves: '.venv/bin/dvc plots show'."
+	@echo "Serve the champion models: 'make serve' (boundaries, port 5001), 'make serve-recognizer' (port 5002)."
 
 test: setup
 	$(BIN)/python -m pytest
@@ -46,10 +52,10 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --default-artifact-root $(CURDIR)/mlruns --host $(HOST) --port 5000
 
 serve: setup
-	MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/grain-boundary-unet@champion --env-manager local --host $(HOST) --port 5001
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/grain-boundary-unet@champion --env-manager local --host $(HOST) --port 5001
 
 serve-recognizer: setup
-	MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/microstructure-recognizer@champion --env-manager local --host $(HOST) --port 5002
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/microstructure-recognizer@champion --env-manager local --host $(HOST) --port 5002
 
 test-load: setup
 	$(BIN)/python -m pytest -m load

@@ -15,6 +15,7 @@ from grainlab.recognition.evaluate import oscr
 from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
 from grainlab.recognition.openset import OpenSetGMM, fit_gmm
 from grainlab.recognition.predict import saliency_map, saliency_overlay
+from grainlab.synth import micro
 
 TINY = MicroConfig(
     image_px=64, quiz1_train=5, quiz1_quiz_known=2, quiz1_quiz_unknown=1, quiz2_train=6, quiz2_quiz=2
@@ -32,6 +33,10 @@ def test_library_plan_matches_the_paper_quizzes():
     assert sum(e["split"] == "train" for e in q2) == 58 and sum(e["split"] == "quiz" for e in q2) == 21
     assert {e["px_per_um"] for e in q2} == {53.0, 106.0} and {e["style"] for e in q2} == {"sem"}
     assert len({e["file"] for e in entries}) == len(entries)
+    for e in entries:  # each class is drawn where it is imaged, e.g. no 200 px/um ferrite
+        if e["task"] == "quiz1":
+            lo, hi = micro.MAG_RANGE[e["class"]]
+            assert lo <= e["px_per_um"] <= hi, e
 
 
 def test_library_is_byte_identical_whatever_the_workers(tmp_path):
@@ -117,6 +122,16 @@ def test_open_set_gmm_answers_none_far_from_every_class(tmp_path):
     again = OpenSetGMM.load(tmp_path / "gmm.json")
     assert json.loads((tmp_path / "gmm.json").read_text())["classes"] == ["a", "b"]
     assert np.allclose(again.log_likelihood(z[:5]), gmm.log_likelihood(z[:5]))
+
+
+def test_none_threshold_is_a_percentile_of_the_held_out_crops():
+    z, y = _blobs()
+    held_out = (z + np.random.default_rng(1).normal(0, 0.3, z.shape), y)  # wider than the fitting crops
+    fit_only = fit_gmm(z, y, ["a", "b"], n_components=1, percentile=15.0)
+    calibrated = fit_gmm(z, y, ["a", "b"], n_components=1, percentile=15.0, calibration=held_out)
+    own = calibrated.log_likelihood(held_out[0])[np.arange(len(y)), y]
+    assert calibrated.threshold == pytest.approx(np.percentile(own, 15.0))
+    assert calibrated.threshold < fit_only.threshold
 
 
 def test_gmm_log_likelihood_matches_scikit_learn():

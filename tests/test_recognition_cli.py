@@ -105,8 +105,13 @@ def test_classify_refuses_unreadable_and_tiny_images(trained):
 def test_evaluate_reports_quiz_metrics_and_figures(trained):
     import json
 
+    from mlflow import MlflowClient
+
     run_cli(["recognition", "evaluate", *settings()])
-    metrics = json.loads((trained / "outputs/recognition/metrics.json").read_text())
+    metrics = json.loads((trained / "reports/recognition/metrics.json").read_text())
+    # The quiz scores also reach the model's training run, where the registry looks for them.
+    train_run = json.loads((trained / "outputs/recognition/quiz1/run.json").read_text())["run_id"]
+    assert MlflowClient().get_run(train_run).data.metrics["quiz/accuracy"] == metrics["quiz1/quiz_accuracy"]
     for key in (
         "quiz1/quiz_accuracy",
         "quiz1/closed_accuracy",
@@ -129,7 +134,7 @@ def _payload(img, px):
 def test_pyfunc_model_answers_and_refuses_bad_payloads(trained):
     from mlflow.exceptions import MlflowException
 
-    from grainlab.recognition.pyfunc import RecognitionModel
+    from grainlab.serving import RecognitionModel
 
     class Context:
         artifacts = {"model_dir": str(trained / "outputs/recognition/quiz1")}

@@ -54,3 +54,11 @@ def test_bad_arguments_are_refused():
         micro.render("ferrite", (8, 8), 0.0, "sem", np.random.default_rng(0))
     with pytest.raises(ValueError, match="style"):
         micro.render("ferrite", (8, 8), 1.0, "xray", np.random.default_rng(0))
+
+
+def test_ferrite_pearlite_is_a_mixture_of_bright_ferrite_and_dark_pearlite():
+    xs = (np.arange(256, dtype=np.float32) + 0.5) / 4.0
+    x, y = np.meshgrid(xs, xs)
+    for seed in range(3):  # phase 1 = bright ferrite; pearlite islands are darker on average
+        phase = micro.ferrite_pearlite(micro.Canvas(x, y, 4.0, np.random.default_rng(seed), seed))
+        assert np.mean(phase > 0.78) > 0.2 and np.mean(phase < 0.7) > 0.1

@@ -184,19 +184,19 @@ class BoundaryConfig:
     datasets_dir: str = "grain_boundaries"
     test_set: str = "test"
     test_image: int = opt(0, lo=0)
-    test_max_images: int = opt(4, lo=0)
+    test_max_images: int = opt(3, lo=0)
     unet: UNetConfig = field(default_factory=UNetConfig)
     dataset: str = "grae"  # the dataset of the pipeline's main model (`dvc exp run -S boundaries.loss=...`)
     loss: str = "bce"
     loss_args: dict[str, dict[str, Any]] = table(dict)
-    epochs: int = opt(6, lo=1, hi=10_000)
-    snapshot_epochs: tuple[int, ...] = opt((2, 4, 6))
-    samples_per_epoch: int = opt(160, lo=0)
-    crop_px: int = opt(96, lo=16, hi=4096)
+    epochs: int = opt(5, lo=1, hi=10_000)
+    snapshot_epochs: tuple[int, ...] = opt((1, 3, 5))
+    samples_per_epoch: int = opt(128, lo=0)
+    crop_px: int = opt(80, lo=16, hi=4096)
     batch_size: int = opt(8, lo=1, hi=1024)
     lr: float = opt(5e-3, lo=1e-7, hi=1.0)
     val_fraction: float = opt(0.2, lo=0.0, hi=0.9)
-    val_max_images: int = opt(4, lo=0)
+    val_max_images: int = opt(3, lo=0)
     workers: int = opt(0, lo=0, hi=64)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -277,7 +277,7 @@ class RecognitionConfig:
     augment: CropAugmentConfig = field(default_factory=CropAugmentConfig)
     gmm_components: int = opt(2, lo=1, hi=32)
     gmm_crops_per_image: int = opt(24, lo=1)
-    none_percentile: float = opt(2.0, lo=0.0, hi=100.0)
+    none_percentile: float = opt(15.0, lo=0.0, hi=100.0)
     none_threshold: float | None = None
     predict_crops: int = opt(1000, lo=1)
     eval_crops: int = opt(300, lo=1)
@@ -299,20 +299,20 @@ class RecognitionConfig:
 class BoundaryTuningConfig:
     """The boundary search: the loss (with each loss's own registered space), lr, optionally the recipe."""
 
-    n_trials: int = opt(6, lo=1)
+    n_trials: int = opt(4, lo=1)
     dataset: str = "grae"
     datasets: tuple[str, ...] = opt(())  # non-empty: the recipe is searched over these too
     losses: tuple[str, ...] = opt(())  # empty: every registered loss
     lr: tuple[float, float] = opt((3e-4, 1e-2))
-    epochs: int = opt(4, lo=1)
-    samples_per_epoch: int = opt(32, lo=1)
+    epochs: int = opt(3, lo=1)
+    samples_per_epoch: int = opt(48, lo=1)
 
 
 @dataclass(frozen=True)
 class RecognitionTuningConfig:
     """The recognition search: triplet margin, GMM threshold and components, lr, descriptor dimension."""
 
-    n_trials: int = opt(4, lo=1)
+    n_trials: int = opt(3, lo=1)
     task: str = opt("quiz1", choices=("quiz1", "quiz2"))
     val_fraction: float = opt(0.25, lo=0.05, hi=0.5)
     margin: tuple[float, float] = opt((0.2, 2.0))
@@ -320,7 +320,7 @@ class RecognitionTuningConfig:
     gmm_components: tuple[int, int] = opt((1, 3))
     lr: tuple[float, float] = opt((5e-4, 5e-3))
     descriptor_dims: tuple[int, ...] = opt((2, 3, 4))
-    epochs: int = opt(6, lo=1)
+    epochs: int = opt(10, lo=1)
     eval_crops: int = opt(100, lo=1)
 
 

@@ -1,11 +1,17 @@
-"""MLflow pyfunc models for the REST server.
+"""MLflow pyfunc models for the REST server (`mlflow models serve --env-manager local`).
 
 `BoundaryModel` serves the boundary U-Net. Its only artifact is a training checkpoint,
 loaded with torch.load(weights_only=True). A request is a table with a column `image`
 (base64 PNG / TIFF / JPEG bytes) and an optional `pixel_size_nm`; each answer row holds
 the probability map and the one-pixel tracing as base64 PNGs plus grain statistics.
-Bad input raises MlflowException(INVALID_PARAMETER_VALUE), which the server answers
-with HTTP 400 and the message.
+
+`RecognitionModel` serves a recognizer (model.pt + gmm.json, plain values). A request has
+`image` and `px_per_um`; each answer row holds the answer, the extrapolation flag and one
+probability column per class and "none".
+
+Images are decoded and checked like any image file. Bad input raises
+MlflowException(INVALID_PARAMETER_VALUE), which the server answers with HTTP 400 and the
+message.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from grainlab.errors import GrainlabError
+from grainlab.images import DEFAULT_MAX_PIXELS
 
 BOUNDARY_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image"), ColSpec("double", "pixel_size_nm", required=False)]),
@@ -51,9 +58,13 @@ SERVING_PACKAGES = [
     "pillow",
     "scipy",
     "scikit-image",
+    "scikit-learn",
+    "opencv-python-headless",
     "albumentations",
+    "matplotlib",
     "pyyaml",
 ]
+RECOGNIZER_ARTIFACT = "model_dir"
 
 
 def _bad_input(message: str) -> MlflowException:
@@ -133,11 +144,73 @@ def log_boundary_model(checkpoint: str | Path, name: str = "model"):
     import grainlab
     from grainlab import tracking
 
-    return tracking.log_pyfunc_model_pinned(
+    return tracking.log_pyfunc_model(
         name=name,
         python_model=BoundaryModel(),
         artifacts={"checkpoint": str(checkpoint)},
         signature=BOUNDARY_SIGNATURE,
+        packages=SERVING_PACKAGES,
+        code_paths=[str(Path(grainlab.__file__).parent)],
+    )
+
+
+class RecognitionModel(mlflow.pyfunc.PythonModel):
+    """Crop-averaged microstructure recognition with "none of these" and the extrapolation flag."""
+
+    def load_context(self, context):
+        from grainlab.recognition.predict import Recognizer
+
+        self.recognizer = Recognizer.load(context.artifacts[RECOGNIZER_ARTIFACT])
+        self.default_crops = int(self.recognizer.meta["params"]["predict_crops"])
+
+    def predict(self, context, model_input, params=None):
+        frame = pd.DataFrame(model_input) if isinstance(model_input, dict | list) else model_input
+        n_crops = int((params or {}).get("n_crops") or self.default_crops)
+        if not 1 <= n_crops <= 100_000:
+            raise _bad_input(f"n_crops = {n_crops}: expected 1..100000")
+        missing = {"image", "px_per_um"} - set(getattr(frame, "columns", []))
+        if missing:
+            raise _bad_input(
+                f"input: missing column(s) {sorted(missing)}; expected 'image' (base64) and 'px_per_um'"
+            )
+        rows = []
+        for i, (text, m) in enumerate(zip(frame["image"], frame["px_per_um"], strict=True)):
+            img = decode_image(text, i, "grey", DEFAULT_MAX_PIXELS)
+            try:
+                pred = self.recognizer.predict(img, m, n_crops=n_crops, what=f"row {i}: image")
+            except GrainlabError as exc:
+                raise _bad_input(f"row {i}: {exc}") from None
+            d = pred.as_dict()
+            rows.append(
+                {
+                    "answer": d["answer"],
+                    "extrapolating": d["extrapolating"],
+                    **{f"p_{k}": v for k, v in d["probabilities"].items()},
+                }
+            )
+        return pd.DataFrame(rows)
+
+
+def recognizer_signature(labels: list[str]) -> ModelSignature:
+    outputs = [ColSpec("string", "answer"), ColSpec("boolean", "extrapolating")]
+    outputs += [ColSpec("double", f"p_{k}") for k in labels]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("double", "px_per_um")]),
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec("n_crops", "long", 1000)]),
+    )
+
+
+def log_recognizer_model(model_dir: str | Path, labels: list[str], name: str = "pyfunc"):
+    """Log a saved recognizer as a pyfunc model (with its signature) to the active run."""
+    import grainlab
+    from grainlab import tracking
+
+    return tracking.log_pyfunc_model(
+        name=name,
+        python_model=RecognitionModel(),
+        artifacts={RECOGNIZER_ARTIFACT: str(model_dir)},
+        signature=recognizer_signature(labels),
         packages=SERVING_PACKAGES,
         code_paths=[str(Path(grainlab.__file__).parent)],
     )

@@ -151,16 +151,6 @@ def get_run(run_id: str):
         raise GrainlabError(f"MLflow run {run_id!r} not found at {mask_url(tracking_uri())}: {exc}") from None
 
 
-def log_pyfunc_model(name: str, python_model, artifacts: dict, signature, input_example=None,
-                     code_paths=None):
-    """Log a pyfunc model (see serving.py) whose weights are plain tensors loaded with weights_only=True."""
-    mlflow = _mlflow()
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=python_model, artifacts=artifacts, signature=signature,
-        input_example=input_example, code_paths=code_paths,
-    )
-
-
 def download_model_checkpoint(uri: str) -> Path:
     """The checkpoint file (*.pt) of a logged boundary model: models:/NAME/VERSION or runs:/ID/model."""
     mlflow = _mlflow()
@@ -174,10 +164,11 @@ def download_model_checkpoint(uri: str) -> Path:
     return found[0]
 
 
-def log_pyfunc_model_pinned(name: str, python_model, artifacts: dict, signature, packages, code_paths=None):
-    """log_pyfunc_model with pip requirements pinned to the installed versions of `packages`.
+def log_pyfunc_model(name: str, python_model, artifacts: dict, signature, packages, code_paths=None):
+    """Log a pyfunc model (see serving.py) to the active run, its pip requirements pinned to the
+    installed versions of `packages`. Its weights are plain tensors, loaded with weights_only=True.
 
-    This skips MLflow's requirement inference, which loads and runs the model in a subprocess.
+    Pinning skips MLflow's requirement inference, which loads and runs the model in a subprocess.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -238,17 +229,18 @@ def best_run(experiment: str, filter_string: str, metric: str):
 
 
 def register_version(name: str, run, model_name: str, tags: dict):
-    """Register the run's logged model under `name` (once per run), tagged; return the version."""
+    """Register the run's logged model under `name` (once per run) with up-to-date tags; return the version."""
     from mlflow import MlflowClient
 
     mlflow = _mlflow()
     client = MlflowClient()
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run.info.run_id:
-            return version
-    version = mlflow.register_model(f"runs:/{run.info.run_id}/{model_name}", name,
-                                    tags={k: str(v) for k, v in tags.items()})
-    return version
+            for key, value in tags.items():  # the run's metrics may have been updated since
+                client.set_model_version_tag(name, version.version, key, str(value))
+            return client.get_model_version(name, version.version)
+    return mlflow.register_model(f"runs:/{run.info.run_id}/{model_name}", name,
+                                 tags={k: str(v) for k, v in tags.items()})
 
 
 def alias_version(name: str, alias: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from grainlab.cli import params_from
 
 NOMAG = "-nomag"
+RUN_FILE = "run.json"  # the MLflow run that trained a model
 
 
 def register(groups, common):
@@ -26,6 +27,7 @@ def register(groups, common):
     )
     train.add_argument("--data", default=None, help="library folder (default: DATA_ROOT/microstructures)")
     train.add_argument("--out", default=None, help="model folder (default: recognition.out_dir)")
+    train.add_argument("--metrics", default=None, help="metrics JSON (default: OUT/train_metrics.json)")
     train.set_defaults(func=run_train)
 
     classify = verbs.add_parser(
@@ -61,6 +63,7 @@ def register(groups, common):
     evaluate.add_argument("--data", default=None, help="library folder (default: DATA_ROOT/microstructures)")
     evaluate.add_argument("--models", default=None, help="model folder (default: recognition.out_dir)")
     evaluate.add_argument("--out", default="reports/recognition", help="report folder (default: %(default)s)")
+    evaluate.add_argument("--metrics", default=None, help="metrics JSON (default: OUT/metrics.json)")
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -88,7 +91,7 @@ def _write_json(path: Path, data: dict) -> None:
 def run_train(args):
     from grainlab import tracking
     from grainlab.config import flatten
-    from grainlab.recognition.pyfunc import ARTIFACT, SERVING_PACKAGES, RecognitionModel, signature
+    from grainlab.serving import log_recognizer_model
     from grainlab.recognition.train import load_images, train_recognizer
 
     params = params_from(args)
@@ -113,10 +116,13 @@ def run_train(args):
         tags = tracking.standard_tags(
             task=task, model=name, stage="recognition-train", profile=params.profile
         )
-        with tracking.run(tracking.RECOGNITION_EXPERIMENT, run_name=name, params=run_params, tags=tags):
+        with tracking.run(
+            tracking.RECOGNITION_EXPERIMENT, run_name=name, params=run_params, tags=tags
+        ) as active:
             recognizer = train_recognizer(cfg, data, params.seed, on_epoch)
             tracking.set_tags({"device": str(recognizer.device)})
             model_dir = recognizer.save(out / name)
+            _write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
             final = {
                 "train/triplet_loss": history["train/triplet_loss"],
                 "train/none_threshold": recognizer.gmm.threshold,
@@ -124,17 +130,10 @@ def run_train(args):
             }
             tracking.log_metrics(final)
             tracking.log_artifacts(model_dir, "model")
-            tracking.log_pyfunc_model_pinned(
-                "pyfunc",
-                RecognitionModel(),
-                {ARTIFACT: str(model_dir)},
-                signature(recognizer.gmm.labels),
-                SERVING_PACKAGES,
-                code_paths=[str(Path(__file__).resolve().parents[1])],
-            )
+            log_recognizer_model(model_dir, recognizer.gmm.labels)
         summary.update({f"{name}/{k.split('/')[-1]}": v for k, v in final.items()})
         print(f"{name}: saved {model_dir} ({final['train/seconds']:.0f} s)")
-    _write_json(out / "train_metrics.json", summary)
+    _write_json(Path(args.metrics) if args.metrics else out / "train_metrics.json", summary)
 
 
 def _load_model(spec: str | None, out_dir: str, device: str):
@@ -202,6 +201,10 @@ def run_evaluate(args):
             metrics = write_report(recognizer, result, reports / name)
             all_metrics[name] = metrics
             tracking.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
+            run_file = models / name / RUN_FILE
+            if run_file.is_file():  # the quiz scores also go to the model's training run (for the registry)
+                train_run = json.loads(run_file.read_text())["run_id"]
+                tracking.log_to_run(train_run, {f"quiz/{k.removeprefix('quiz_')}": v for k, v in metrics.items()}, finish=False)
             print(
                 f"{name}: quiz accuracy {metrics['quiz_accuracy']:.3f}, closed-set {metrics['closed_accuracy']:.3f}"
                 + (
@@ -215,5 +218,6 @@ def run_evaluate(args):
         tracking.log_artifacts(reports, "reports")
     print(table)
     _write_json(
-        models / "metrics.json", {f"{n}/{k}": v for n, m in all_metrics.items() for k, v in m.items()}
+        Path(args.metrics) if args.metrics else reports / "metrics.json",
+        {f"{n}/{k}": v for n, m in all_metrics.items() for k, v in m.items()},
     )
