@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 GL     := $(BIN)/grainlab
 
-.PHONY: run test test-slow test-load lint format setup data preview ui serve serve-recognizer bench clean
+.PHONY: run test test-slow lint format setup data preview ui serve serve-recognizer bench clean
 
 setup: $(STAMP)
 
@@ -57,8 +57,10 @@ serve: setup
 serve-recognizer: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/microstructure-recognizer@champion --env-manager local --host $(HOST) --port 5002
 
-test-load: setup
-	$(BIN)/python -m pytest -m load
+bench: setup
+	$(BIN)/python benchmarks/bench_synth.py
+	$(BIN)/python benchmarks/bench_boundaries.py
+	$(BIN)/python benchmarks/bench_recognition.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -326,7 +326,9 @@ def _write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
         plots.append(("param_importances.png", ovm.plot_param_importances))
     for filename, plot in plots:
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # importances warn when few trials share a parameter
+                warnings.simplefilter("ignore")
+                ax = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue  # e.g. importances need parameters that vary across complete trials
         fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
