@@ -31,10 +31,14 @@ def time_steps(params, repeats: int = 5) -> dict[str, float]:
     t1 = time.perf_counter()
     shots = [tem.render(r, params.tem, 10.0, 5.0, rng) for r in regions]
     t2 = time.perf_counter()
-    for r, (_, visible) in zip(regions, shots):
+    for r, (_, visible) in zip(regions, shots, strict=True):
         tem.trace(r, visible, params.tracers["careful"], rng)
     t3 = time.perf_counter()
-    return {"make_region_s": (t1 - t0) / repeats, "render_s": (t2 - t1) / repeats, "trace_s": (t3 - t2) / repeats}
+    return {
+        "make_region_s": (t1 - t0) / repeats,
+        "render_s": (t2 - t1) / repeats,
+        "trace_s": (t3 - t2) / repeats,
+    }
 
 
 def main():
@@ -55,8 +59,10 @@ def main():
     print(f"profile {args.profile}, {params.tem.image_px} px, workers {workers}")
     for k, v in steps.items():
         print(f"  {k:<14} {v * 1000:8.1f} ms")
-    print(f"synth all recipes + test set: {pairs} pairs in {wall:.1f} s = {pairs / wall:.1f} pairs/s "
-          f"(goal < 60 s in demo)")
+    print(
+        f"synth all recipes + test set: {pairs} pairs in {wall:.1f} s = {pairs / wall:.1f} pairs/s "
+        f"(goal < 60 s in demo)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=20000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=20000",
+]
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,8 +50,11 @@ def test_mlflow_ui_lists_the_study_runs(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = Path(sys.executable).parent
-    ui = subprocess.Popen([bin_dir / "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [bin_dir / "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -55,12 +66,26 @@ def test_mlflow_ui_lists_the_study_runs(tmp_path):
                 assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI did not start"
                 time.sleep(0.5)
         page = f"{url}/#/experiments/{experiment.experiment_id}/runs"
-        dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", page],
-                             capture_output=True, text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", page],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         shot = ROOT / "reports" / "mlflow_runs.png"
         shot.parent.mkdir(exist_ok=True)
-        subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'b'}", "--window-size=1600,1000",
-                        f"--screenshot={shot}", page], capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={tmp_path / 'b'}",
+                "--window-size=1600,1000",
+                f"--screenshot={shot}",
+                page,
+            ],
+            capture_output=True,
+            timeout=120,
+        )
     finally:
         ui.terminate()
         ui.wait(timeout=30)

@@ -5,7 +5,6 @@ temporary folder, makes the data there and re-adds it with DVC: data.dvc must co
 byte-identical to the committed one. That is the reproducibility promise of data.dvc.
 """
 
-import json
 import shutil
 import subprocess
 import sys

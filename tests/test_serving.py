@@ -80,15 +80,19 @@ def test_candidate_worse_on_heldout_becomes_challenger_better_becomes_champion(s
     client = MlflowClient()
     champion = registry_state(store)["grain-boundary-unet"]
     held = champion["test/boundary_f1"]
-    worse = train_boundaries(load_params(None, [*BOUNDARY_TINY, "seed=1"]), "toy", "mse",
-                             out_root=store / "outputs" / "boundaries")
+    worse = train_boundaries(
+        load_params(None, [*BOUNDARY_TINY, "seed=1"]), "toy", "mse", out_root=store / "outputs" / "boundaries"
+    )
     # The new run wins on validation but loses on the held-out test metric.
     client.log_metric(worse.run_id, "val/boundary_f1", 2.0, step=99)
     client.log_metric(worse.run_id, "test/boundary_f1", held - 0.1, step=99)
     assert main(["register"]) == 0
     state = registry_state(store)["grain-boundary-unet"]
     assert state["alias"] == "challenger" and state["run_id"] == worse.run_id
-    assert int(client.get_model_version_by_alias("grain-boundary-unet", "champion").version) == champion["version"]
+    assert (
+        int(client.get_model_version_by_alias("grain-boundary-unet", "champion").version)
+        == champion["version"]
+    )
     # Now it also wins on the held-out metric: the champion alias moves.
     client.log_metric(worse.run_id, "test/boundary_f1", held + 0.1, step=100)
     client.log_metric(worse.run_id, "val/boundary_f1", 2.0, step=100)
@@ -111,17 +115,35 @@ def free_port() -> int:
 def servers(store):
     """Both champions served by `mlflow models serve` on loopback ports."""
     bin_dir = Path(sys.executable).parent  # the server execs uvicorn from the environment's PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     procs, urls = [], {}
     for name in ("grain-boundary-unet", "microstructure-recognizer"):
         port = free_port()
-        cmd = [bin_dir / "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        procs.append(subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        cmd = [
+            bin_dir / "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
         urls[name] = f"http://127.0.0.1:{port}"
     try:
-        for (name, url), proc in zip(urls.items(), procs):
+        for (name, url), proc in zip(urls.items(), procs, strict=True):
             deadline = time.monotonic() + 120
             while True:
                 try:

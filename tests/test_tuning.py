@@ -117,7 +117,9 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
     params = load_params(None, [*TINY, "tuning.boundaries.n_trials=2", "tuning.pruner=none"])
     result = run_study("boundaries", params)
     assert result.counts["fail"] == 1 and result.counts["complete"] == 2
-    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("optuna-boundaries-demo").experiment_id])
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("optuna-boundaries-demo").experiment_id]
+    )
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 1 and "diverged" in failed[0].data.tags["failure_reason"]
 
@@ -142,7 +144,9 @@ def _postgres_answers() -> bool:
         return False
 
 
-postgres = pytest.mark.skipif(not _postgres_answers(), reason="no PostgreSQL server answers at 127.0.0.1:5432")
+postgres = pytest.mark.skipif(
+    not _postgres_answers(), reason="no PostgreSQL server answers at 127.0.0.1:5432"
+)
 
 
 @pytest.fixture
@@ -164,11 +168,24 @@ def pg_databases():
 
 def _worker(workdir: Path, storage: str, mlflow_url: str, study: str, n_trials: int, *extra):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}
-    cmd = [Path(sys.executable).parent / "grainlab", "tune", "boundaries", "--params", str(workdir / "params.yaml"),
-           "--storage", storage, "--study", study, "--n-trials", str(n_trials)]
+    cmd = [
+        Path(sys.executable).parent / "grainlab",
+        "tune",
+        "boundaries",
+        "--params",
+        str(workdir / "params.yaml"),
+        "--storage",
+        storage,
+        "--study",
+        study,
+        "--n-trials",
+        str(n_trials),
+    ]
     for o in (*TINY, "tuning.pruner=none", "tuning.heartbeat_s=1", "tuning.grace_s=3", *extra):
         cmd += ["--set", o]
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _check_trials_and_runs(storage: str, mlflow_url: str, study: str, n_trials: int):
@@ -210,7 +227,9 @@ def test_killed_worker_trial_is_failed_and_retried(workdir, pg_databases):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            running = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
+            running = optuna.load_study(study_name=study, storage=storage).get_trials(
+                states=(TrialState.RUNNING,)
+            )
         except KeyError:
             running = []
         if running and running[0].intermediate_values:  # mid-trial: an epoch is done

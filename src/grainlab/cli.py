@@ -19,10 +19,16 @@ def common_options() -> argparse.ArgumentParser:
     """Options every leaf command takes: the params file, its profile and key=value overrides."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings")
-    g.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: %(default)s)")
+    g.add_argument(
+        "--params", default="params.yaml", metavar="FILE", help="params file (default: %(default)s)"
+    )
     g.add_argument("--profile", default=None, help="settings profile: demo (default) or paper")
     g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set tem.image_px=512 (repeatable)",
     )
     return p

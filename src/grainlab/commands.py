@@ -9,34 +9,48 @@ from grainlab.cli import params_from
 
 def register(groups, common):
     tune = groups.add_parser(
-        "tune", parents=[common], help="Optuna search over the boundary or recognition model",
+        "tune",
+        parents=[common],
+        help="Optuna search over the boundary or recognition model",
         description="Run an Optuna study until it holds N finished trials. Several `grainlab tune` processes "
         "(on one machine or many) share one study through --storage. Each trial is an MLflow run nested "
         "under the study's parent run. Writes best_params.yaml (params.yaml's shape), summary.json and plots.",
     )
     tune.add_argument("kind", choices=("boundaries", "recognition"))
-    tune.add_argument("--n-trials", type=int, default=None, help="finished trials to reach (default: tuning.KIND.n_trials)")
     tune.add_argument(
-        "--storage", default=None, metavar="URL",
+        "--n-trials", type=int, default=None, help="finished trials to reach (default: tuning.KIND.n_trials)"
+    )
+    tune.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
         help="Optuna storage, e.g. postgresql://user@host:5432/db (default: $GRAINLAB_OPTUNA_STORAGE, else a "
         "local journal file in the output folder)",
     )
     tune.add_argument("--study", default=None, help="study name (default: KIND-PROFILE)")
     tune.add_argument("--out", default=None, help="output folder (default: tuning.out_dir/KIND)")
-    tune.add_argument("--metrics", default=None, help="also write the best value and trial counts here (for DVC)")
+    tune.add_argument(
+        "--metrics", default=None, help="also write the best value and trial counts here (for DVC)"
+    )
     tune.set_defaults(func=run_tune)
 
     reg = groups.add_parser(
-        "register", parents=[common], help="register the best models and move the champion alias",
+        "register",
+        parents=[common],
+        help="register the best models and move the champion alias",
         description="Register the best boundary model and the best recognizer in the MLflow Model Registry as "
         "grain-boundary-unet and microstructure-recognizer. The alias `champion` moves only when the candidate "
         "beats the current champion on the held-out metric; otherwise the candidate becomes `challenger`.",
     )
-    reg.add_argument("--out", default="outputs/registry.json", help="registry state JSON (default: %(default)s)")
+    reg.add_argument(
+        "--out", default="outputs/registry.json", help="registry state JSON (default: %(default)s)"
+    )
     reg.set_defaults(func=run_register)
 
     rep = groups.add_parser(
-        "report", parents=[common], help="write reports/index.html from the pipeline's outputs",
+        "report",
+        parents=[common],
+        help="write reports/index.html from the pipeline's outputs",
         description="Gather the poster study, the tuning results, the recognition figures and the registry "
         "state into reports/index.html.",
     )
@@ -52,9 +66,15 @@ def run_tune(args):
         from grainlab.errors import GrainlabError
 
         raise GrainlabError(f"--n-trials {args.n_trials}: expected a positive number of trials")
-    result = run_study(args.kind, params, n_trials=args.n_trials, storage=args.storage, study_name=args.study,
-                       out_dir=Path(args.out) if args.out else None,
-                       metrics_path=Path(args.metrics) if args.metrics else None)
+    result = run_study(
+        args.kind,
+        params,
+        n_trials=args.n_trials,
+        storage=args.storage,
+        study_name=args.study,
+        out_dir=Path(args.out) if args.out else None,
+        metrics_path=Path(args.metrics) if args.metrics else None,
+    )
     counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
     print(f"study {result.name}: {counts}")
     if result.best_value is not None:

@@ -238,7 +238,9 @@ class MicroConfig:
         for key in ("quiz1_px_per_um", "quiz1_quiz_px_per_um", "quiz2_px_per_um"):
             values = getattr(self, key)
             if not values or min(values) <= 0 or list(values[:2]) != sorted(values[:2]):
-                raise ConfigError(f"microstructures.{key} = {list(values)}: expected positive px/um, low before high")
+                raise ConfigError(
+                    f"microstructures.{key} = {list(values)}: expected positive px/um, low before high"
+                )
 
 
 @dataclass(frozen=True)
@@ -292,7 +294,9 @@ class RecognitionConfig:
             )
         unknown = set(self.tasks) - {"quiz1", "quiz2"}
         if unknown:
-            raise ConfigError(f"recognition.tasks: unknown task(s) {sorted(unknown)}; expected quiz1 and/or quiz2")
+            raise ConfigError(
+                f"recognition.tasks: unknown task(s) {sorted(unknown)}; expected quiz1 and/or quiz2"
+            )
 
 
 @dataclass(frozen=True)
@@ -400,7 +404,9 @@ def _convert(value, tp, key: str, src: str):
             return tuple(_convert(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value))
         if len(value) != len(args):
             bad(f"a list of {len(args)} items")
-        return tuple(_convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -433,8 +439,10 @@ def _check_range(value, meta, key, src):
     if choices is not None and value not in choices:
         raise ConfigError(f"{src}: {key} = {value!r}: expected one of {list(choices)}")
     if lo is not None and value < lo or hi is not None and value > hi:
-        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-            f">= {lo}" if lo is not None else f"<= {hi}"
+        bounds = (
+            f"between {lo} and {hi}"
+            if lo is not None and hi is not None
+            else (f">= {lo}" if lo is not None else f"<= {hi}")
         )
         raise ConfigError(f"{src}: {key} = {value!r}: expected a value {bounds}")
 
@@ -445,9 +453,7 @@ def _build(cls, raw: dict, prefix: str, src: str):
     for k in raw:
         if k not in known:
             where = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(
-                f"{src}: unknown key {where!r}; expected one of {sorted(known)}"
-            )
+            raise ConfigError(f"{src}: unknown key {where!r}; expected one of {sorted(known)}")
     values = {}
     for name, f in known.items():
         if name not in raw:
@@ -517,7 +523,9 @@ def load_params(path: str | Path | None = "params.yaml", overrides=(), profile: 
     if not isinstance(profiles, dict):
         raise ConfigError(f"{src}: profiles: expected a mapping of profile names to overrides")
     if profile != "demo" and profile not in profiles:
-        raise ConfigError(f"{src}: profile {profile!r} is not defined; expected one of {['demo', *sorted(profiles)]}")
+        raise ConfigError(
+            f"{src}: profile {profile!r} is not defined; expected one of {['demo', *sorted(profiles)]}"
+        )
     raw = dict(raw)
     raw["profile"] = profile
     for key, value in (profiles.get(profile) or {}).items():

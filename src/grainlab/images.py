@@ -79,7 +79,9 @@ def _to_float(arr: np.ndarray, path: Path) -> np.ndarray:
     raise ImageError(f"{path}: unsupported pixel type {arr.dtype}; expected 8/16-bit integers or floats")
 
 
-def read_image(path: str | Path, *, channels: str = "grey", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: str | Path, *, channels: str = "grey", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode an image as float32 in [0, 1]: (H, W) for channels='grey', (H, W, 3) for 'rgb'."""
     path = Path(path)
     im = _open_checked(path, max_pixels)
@@ -88,7 +90,9 @@ def read_image(path: str | Path, *, channels: str = "grey", max_pixels: int = DE
             warnings.simplefilter("ignore")
             im.load()
             if im.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
-                im = im.convert("RGB" if channels == "rgb" or im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
+                im = im.convert(
+                    "RGB" if channels == "rgb" or im.mode in ("P", "PA", "CMYK", "YCbCr") else "L"
+                )
             arr = np.asarray(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
@@ -124,7 +128,9 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{path}: corrupt or truncated label image ({exc})") from None
     if arr.ndim != 2 or arr.dtype.kind not in "ui":
-        raise ImageError(f"{path}: expected a single-channel integer label image, got {arr.dtype} {arr.shape}")
+        raise ImageError(
+            f"{path}: expected a single-channel integer label image, got {arr.dtype} {arr.shape}"
+        )
     return arr.astype(np.int32)
 
 

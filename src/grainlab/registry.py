@@ -28,11 +28,22 @@ class ModelFamily:
 
 
 FAMILIES = (
-    ModelFamily("grain-boundary-unet", tracking.BOUNDARY_EXPERIMENT, "tags.stage = 'boundary-train'",
-                "val/boundary_f1", "test/boundary_f1", "model"),
-    ModelFamily("microstructure-recognizer", tracking.RECOGNITION_EXPERIMENT,
-                "tags.stage = 'recognition-train' and tags.model = 'quiz1'",
-                "quiz/accuracy", "quiz/accuracy", "pyfunc"),
+    ModelFamily(
+        "grain-boundary-unet",
+        tracking.BOUNDARY_EXPERIMENT,
+        "tags.stage = 'boundary-train'",
+        "val/boundary_f1",
+        "test/boundary_f1",
+        "model",
+    ),
+    ModelFamily(
+        "microstructure-recognizer",
+        tracking.RECOGNITION_EXPERIMENT,
+        "tags.stage = 'recognition-train' and tags.model = 'quiz1'",
+        "quiz/accuracy",
+        "quiz/accuracy",
+        "pyfunc",
+    ),
 )
 
 
@@ -40,7 +51,10 @@ def promote(family: ModelFamily) -> dict:
     """Register the family's candidate and move `champion` or `challenger` to it."""
     run = tracking.best_run(family.experiment, family.run_filter, family.select_metric)
     if run is None:
-        return {"model": family.name, "status": f"no finished run with {family.select_metric} in {family.experiment}"}
+        return {
+            "model": family.name,
+            "status": f"no finished run with {family.select_metric} in {family.experiment}",
+        }
     metrics = run.data.metrics
     if family.heldout_metric not in metrics:
         return {"model": family.name, "status": f"run {run.info.run_id} has no {family.heldout_metric}"}
@@ -65,8 +79,12 @@ def promote(family: ModelFamily) -> dict:
         alias = "challenger"
         tracking.set_alias(family.name, "challenger", version.version)
     return {
-        "model": family.name, "version": int(version.version), "alias": alias, "run_id": run.info.run_id,
-        "run_name": run.info.run_name, family.heldout_metric: score,
+        "model": family.name,
+        "version": int(version.version),
+        "alias": alias,
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        family.heldout_metric: score,
         "previous_champion": int(champion.version) if champion else None,
         "previous_champion_score": champion_score if champion else None,
     }

@@ -33,12 +33,19 @@ def markdown_to_html(text: str) -> str:
 
     def flush():
         if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
-                    if not set(line.replace("|", "").strip()) <= set("-: ")]
+            rows = [
+                [c.strip() for c in line.strip().strip("|").split("|")]
+                for line in table
+                if not set(line.replace("|", "").strip()) <= set("-: ")
+            ]
             head, body = rows[0], rows[1:]
-            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</table>")
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
             table.clear()
         if bullets:
             out.append("<ul>" + "".join(f"<li>{_inline(b)}</li>" for b in bullets) + "</ul>")
@@ -128,12 +135,17 @@ def _registry_section(path: Path) -> str:
     for m in state["models"]:
         if "version" in m:
             score = next((f"{k} = {v:.4f}" for k, v in m.items() if "/" in k and isinstance(v, float)), "")
-            rows.append(f"<tr><td>{m['model']}</td><td>{m['version']}</td><td>{m['alias']}</td>"
-                        f"<td>{html.escape(m['run_name'] or '')}</td><td>{score}</td></tr>")
+            rows.append(
+                f"<tr><td>{m['model']}</td><td>{m['version']}</td><td>{m['alias']}</td>"
+                f"<td>{html.escape(m['run_name'] or '')}</td><td>{score}</td></tr>"
+            )
         else:
             rows.append(f"<tr><td>{m['model']}</td><td colspan=4>{html.escape(m['status'])}</td></tr>")
-    return ("<table><tr><th>model</th><th>version</th><th>alias</th><th>run</th><th>held-out</th></tr>"
-            + "".join(rows) + "</table><p>Serve the champion: <code>make serve</code>.</p>")
+    return (
+        "<table><tr><th>model</th><th>version</th><th>alias</th><th>run</th><th>held-out</th></tr>"
+        + "".join(rows)
+        + "</table><p>Serve the champion: <code>make serve</code>.</p>"
+    )
 
 
 def write_report(params: Params, out_dir: Path, outputs: Path = Path("outputs")) -> Path:
@@ -141,19 +153,25 @@ def write_report(params: Params, out_dir: Path, outputs: Path = Path("outputs"))
     out_dir = Path(out_dir)
     sections = [
         ("Data", _images(out_dir / "preview", out_dir) or _missing("previews", "grainlab data preview")),
-        ("Boundary tracing: the poster study",
-         (_markdown_files(out_dir / "boundaries") + _images(out_dir / "boundaries", out_dir))
-         or _missing("poster study", "grainlab boundaries study")),
+        (
+            "Boundary tracing: the poster study",
+            (_markdown_files(out_dir / "boundaries") + _images(out_dir / "boundaries", out_dir))
+            or _missing("poster study", "grainlab boundaries study"),
+        ),
         ("Hyperparameter tuning", _tuning_section(outputs / "tuning", out_dir)),
-        ("Microstructure recognition",
-         (_markdown_files(out_dir / "recognition") + _images(out_dir / "recognition", out_dir, "**/*.png"))
-         or _missing("recognition evaluation", "grainlab recognition evaluate")),
+        (
+            "Microstructure recognition",
+            (_markdown_files(out_dir / "recognition") + _images(out_dir / "recognition", out_dir, "**/*.png"))
+            or _missing("recognition evaluation", "grainlab recognition evaluate"),
+        ),
         ("Model registry", _registry_section(outputs / "registry.json")),
     ]
     body = "\n".join(f"<h2>{html.escape(title)}</h2>\n{content}" for title, content in sections)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>grainlab report</title><style>{CSS}</style>"
-            f"</head><body><h1>grainlab report ({html.escape(params.profile)} profile, seed {params.seed})</h1>"
-            f"{body}</body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>grainlab report</title><style>{CSS}</style>"
+        f"</head><body><h1>grainlab report ({html.escape(params.profile)} profile, seed {params.seed})</h1>"
+        f"{body}</body></html>\n"
+    )
     out = out_dir / "index.html"
     with atomic_path(out) as tmp:
         tmp.write_text(page)

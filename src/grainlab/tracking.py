@@ -89,8 +89,16 @@ class RunStopped(Exception):
 
 
 @contextlib.contextmanager
-def run(experiment: str, *, run_name: str | None = None, run_id: str | None = None, params=None,
-        tags=None, system_metrics: bool = True, parent_run_id: str | None = None):
+def run(
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    params=None,
+    tags=None,
+    system_metrics: bool = True,
+    parent_run_id: str | None = None,
+):
     """Start (or, with run_id, resume) an MLflow run; mark it FAILED with the reason on error.
 
     parent_run_id nests the run under another (as a tag, so the parent need not be active).
@@ -98,7 +106,9 @@ def run(experiment: str, *, run_name: str | None = None, run_id: str | None = No
     mlflow = _mlflow()
     exp_id = ensure_experiment(experiment)
     active = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
+        run_id=run_id,
+        experiment_id=None if run_id else exp_id,
+        run_name=run_name,
         log_system_metrics=system_metrics,
     )
     try:
@@ -160,7 +170,9 @@ def download_model_checkpoint(uri: str) -> Path:
         raise GrainlabError(f"cannot fetch model {uri!r} from {mask_url(tracking_uri())}: {exc}") from None
     found = sorted(local.rglob("*.pt"))
     if not found:
-        raise GrainlabError(f"{uri}: the model's artifacts hold no checkpoint (*.pt); is it a boundary model?")
+        raise GrainlabError(
+            f"{uri}: the model's artifacts hold no checkpoint (*.pt); is it a boundary model?"
+        )
     return found[0]
 
 
@@ -179,8 +191,12 @@ def log_pyfunc_model(name: str, python_model, artifacts: dict, signature, packag
         except PackageNotFoundError:
             continue
     return _mlflow().pyfunc.log_model(
-        name=name, python_model=python_model, artifacts=artifacts, signature=signature,
-        code_paths=code_paths, pip_requirements=requirements,
+        name=name,
+        python_model=python_model,
+        artifacts=artifacts,
+        signature=signature,
+        code_paths=code_paths,
+        pip_requirements=requirements,
     )
 
 
@@ -221,8 +237,10 @@ def best_run(experiment: str, filter_string: str, metric: str):
         return None
     status = "attributes.status = 'FINISHED'"
     runs = MlflowClient().search_runs(
-        [exp.experiment_id], f"{filter_string} and {status}" if filter_string else status,
-        order_by=[f"metrics.`{metric}` DESC"], max_results=50,
+        [exp.experiment_id],
+        f"{filter_string} and {status}" if filter_string else status,
+        order_by=[f"metrics.`{metric}` DESC"],
+        max_results=50,
     )
     runs = [r for r in runs if metric in r.data.metrics and math.isfinite(r.data.metrics[metric])]
     return runs[0] if runs else None
@@ -239,8 +257,9 @@ def register_version(name: str, run, model_name: str, tags: dict):
             for key, value in tags.items():  # the run's metrics may have been updated since
                 client.set_model_version_tag(name, version.version, key, str(value))
             return client.get_model_version(name, version.version)
-    return mlflow.register_model(f"runs:/{run.info.run_id}/{model_name}", name,
-                                 tags={k: str(v) for k, v in tags.items()})
+    return mlflow.register_model(
+        f"runs:/{run.info.run_id}/{model_name}", name, tags={k: str(v) for k, v in tags.items()}
+    )
 
 
 def alias_version(name: str, alias: str):

@@ -72,7 +72,9 @@ def _suggest(trial: optuna.Trial, name: str, spec: tuple):
         return trial.suggest_int(name, spec[1], spec[2])
     if kind == "categorical":
         return trial.suggest_categorical(name, list(spec[1]))
-    raise GrainlabError(f"search space of {name!r}: unknown kind {kind!r}; expected float, int or categorical")
+    raise GrainlabError(
+        f"search space of {name!r}: unknown kind {kind!r}; expected float, int or categorical"
+    )
 
 
 def suggest_boundaries(trial: optuna.Trial, params: Params) -> dict:
@@ -82,9 +84,13 @@ def suggest_boundaries(trial: optuna.Trial, params: Params) -> dict:
     cfg = params.tuning.boundaries
     losses = list(cfg.losses) or loss_names()
     loss = trial.suggest_categorical("loss", losses)
-    out = {"boundaries.loss": loss, "boundaries.epochs": cfg.epochs,
-           "boundaries.snapshot_epochs": [cfg.epochs], "boundaries.samples_per_epoch": cfg.samples_per_epoch,
-           "boundaries.lr": trial.suggest_float("lr", *cfg.lr, log=True)}
+    out = {
+        "boundaries.loss": loss,
+        "boundaries.epochs": cfg.epochs,
+        "boundaries.snapshot_epochs": [cfg.epochs],
+        "boundaries.samples_per_epoch": cfg.samples_per_epoch,
+        "boundaries.lr": trial.suggest_float("lr", *cfg.lr, log=True),
+    }
     for arg, spec in search_space(loss).items():
         out[f"boundaries.loss_args.{loss}.{arg}"] = _suggest(trial, f"{loss}.{arg}", spec)
     out["dataset"] = trial.suggest_categorical("dataset", list(cfg.datasets)) if cfg.datasets else cfg.dataset
@@ -127,9 +133,14 @@ def boundary_objective(trial: optuna.Trial, params: Params, context: dict) -> fl
     trial.set_user_attr("overrides", {**overrides, "boundaries.dataset": dataset})
     p = apply_overrides(params, overrides, f"trial {trial.number}")
     result = train_boundaries(
-        p, dataset, out_root=context["out_dir"] / "trials" / f"trial-{trial.number:04d}",
-        log_model=False, experiment=context["experiment"], parent_run_id=context["parent"],
-        run_name=f"trial-{trial.number}", run_tags=_trial_tags(trial, context),
+        p,
+        dataset,
+        out_root=context["out_dir"] / "trials" / f"trial-{trial.number:04d}",
+        log_model=False,
+        experiment=context["experiment"],
+        parent_run_id=context["parent"],
+        run_name=f"trial-{trial.number}",
+        run_tags=_trial_tags(trial, context),
         on_epoch=_pruning_callback(trial, "val/boundary_f1"),
         on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     )
@@ -140,8 +151,13 @@ def recognition_objective(trial: optuna.Trial, params: Params, context: dict) ->
     overrides = suggest_recognition(trial, params)
     trial.set_user_attr("overrides", overrides)
     p = apply_overrides(params, overrides, f"trial {trial.number}")
-    with tracking.run(context["experiment"], run_name=f"trial-{trial.number}", parent_run_id=context["parent"],
-                      params=overrides, tags=_trial_tags(trial, context)) as run:
+    with tracking.run(
+        context["experiment"],
+        run_name=f"trial-{trial.number}",
+        parent_run_id=context["parent"],
+        params=overrides,
+        tags=_trial_tags(trial, context),
+    ) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         prune = _pruning_callback(trial, "neg_loss")
 
@@ -162,20 +178,32 @@ def validation_accuracy(params: Params, on_epoch=None) -> float:
     cfg, tune = params.recognition, params.tuning.recognition
     data = load_images(Path(params.data.root) / "microstructures", tune.task, "train")
     rng = np.random.default_rng(params.seed)
-    val = np.concatenate([
-        rng.permutation(ids)[: max(1, round(len(ids) * tune.val_fraction))]
-        for ids in (np.flatnonzero(data.labels == k) for k in range(len(data.classes)))
-    ])
+    val = np.concatenate(
+        [
+            rng.permutation(ids)[: max(1, round(len(ids) * tune.val_fraction))]
+            for ids in (np.flatnonzero(data.labels == k) for k in range(len(data.classes)))
+        ]
+    )
     fit = np.setdiff1d(np.arange(len(data.images)), val)
-    part = LabelledImages([data.images[i] for i in fit], data.px_per_um[fit], data.labels[fit], data.classes,
-                          [data.entries[i] for i in fit])
+    part = LabelledImages(
+        [data.images[i] for i in fit],
+        data.px_per_um[fit],
+        data.labels[fit],
+        data.classes,
+        [data.entries[i] for i in fit],
+    )
     recognizer = train_recognizer(cfg, part, params.seed, on_epoch)
     answers = [
-        recognizer.predict(data.images[i], data.px_per_um[i], n_crops=tune.eval_crops, batch_size=cfg.batch_size,
-                           seed=params.seed + int(i)).answer
+        recognizer.predict(
+            data.images[i],
+            data.px_per_um[i],
+            n_crops=tune.eval_crops,
+            batch_size=cfg.batch_size,
+            seed=params.seed + int(i),
+        ).answer
         for i in val
     ]
-    return float(np.mean([a == data.classes[data.labels[i]] for a, i in zip(answers, val)]))
+    return float(np.mean([a == data.classes[data.labels[i]] for a, i in zip(answers, val, strict=True)]))
 
 
 OBJECTIVES = {"boundaries": boundary_objective, "recognition": recognition_objective}
@@ -206,7 +234,9 @@ def open_storage(url: str | None, params: Params, journal: Path):
     for attempt in range(3):
         try:
             return RDBStorage(
-                url, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
+                url,
+                heartbeat_interval=cfg.heartbeat_s,
+                grace_period=cfg.grace_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
                 engine_kwargs={"pool_pre_ping": True},
             )
@@ -215,8 +245,10 @@ def open_storage(url: str | None, params: Params, journal: Path):
             if attempt < 2 and "IntegrityError" in type(exc).__name__ + str(exc):
                 time.sleep(1 + attempt)
                 continue
-            raise GrainlabError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0]}") from None
+            raise GrainlabError(
+                f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
 
 
 def _pruner(params: Params):
@@ -231,8 +263,12 @@ def _pruner(params: Params):
 def _open_study(name: str, storage, params: Params, shared: bool) -> tuple[optuna.Study, bool]:
     # Workers sharing a storage get different sampler seeds, so their random start-up differs.
     seed = params.seed + (os.getpid() if shared else 0)
-    kw = dict(study_name=name, storage=storage, sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
-              pruner=_pruner(params))
+    kw = dict(
+        study_name=name,
+        storage=storage,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
+        pruner=_pruner(params),
+    )
     try:
         return optuna.create_study(direction="maximize", **kw), True
     except optuna.exceptions.DuplicatedStudyError:
@@ -242,7 +278,9 @@ def _open_study(name: str, storage, params: Params, shared: bool) -> tuple[optun
 def _parent_run(study: optuna.Study, created: bool, experiment: str, timeout_s: float = 120) -> str:
     """The study's parent MLflow run: made by the worker that created the study, found by the others."""
     if created:
-        run_id = tracking.create_run(experiment, study.study_name, tracking.standard_tags(optuna_study=study.study_name))
+        run_id = tracking.create_run(
+            experiment, study.study_name, tracking.standard_tags(optuna_study=study.study_name)
+        )
         study.set_user_attr(PARENT_ATTR, run_id)
         return run_id
     deadline = time.monotonic() + timeout_s
@@ -257,9 +295,16 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run_study(kind: str, params: Params, *, n_trials: int | None = None, storage: str | None = None,
-              study_name: str | None = None, out_dir: Path | None = None,
-              metrics_path: Path | None = None) -> StudyResult:
+def run_study(
+    kind: str,
+    params: Params,
+    *,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    out_dir: Path | None = None,
+    metrics_path: Path | None = None,
+) -> StudyResult:
     """Run trials of one study until it holds n_trials finished trials; export its results."""
     if kind not in OBJECTIVES:
         raise GrainlabError(f"unknown study kind {kind!r}; expected one of {sorted(OBJECTIVES)}")
@@ -268,10 +313,17 @@ def run_study(kind: str, params: Params, *, n_trials: int | None = None, storage
     name = study_name or f"{kind}-{params.profile}"
     out_dir = Path(out_dir or Path(params.tuning.out_dir) / kind)
     url = storage_url(storage)
-    study, created = _open_study(name, open_storage(url, params, out_dir / "journal.log"), params, url is not None)
+    study, created = _open_study(
+        name, open_storage(url, params, out_dir / "journal.log"), params, url is not None
+    )
     experiment = f"optuna-{name}"
-    context = {"study": name, "experiment": experiment, "out_dir": out_dir, "metrics_path": metrics_path,
-               "parent": _parent_run(study, created, experiment)}
+    context = {
+        "study": name,
+        "experiment": experiment,
+        "out_dir": out_dir,
+        "metrics_path": metrics_path,
+        "parent": _parent_run(study, created, experiment),
+    }
     objective = OBJECTIVES[kind]
     attempts = 0
     while _finished(study) < n_trials and attempts < 3 * n_trials:
@@ -291,14 +343,29 @@ def export_results(study: optuna.Study, context: dict, n_trials: int) -> StudyRe
     best = max(complete, key=lambda t: t.value) if complete else None
     best_overrides = dict(best.user_attrs.get("overrides", {})) if best else {}
     with atomic_path(out_dir / "best_params.yaml") as tmp:
-        header = f"# best trial of study {study.study_name!r}: #{best.number}, objective {best.value:.4f}\n" if best else "# no complete trial\n"
+        header = (
+            f"# best trial of study {study.study_name!r}: #{best.number}, objective {best.value:.4f}\n"
+            if best
+            else "# no complete trial\n"
+        )
         tmp.write_text(header + dump_yaml(nest(best_overrides)))
     summary = {
-        "study": study.study_name, "n_trials": n_trials, "counts": counts,
-        "best_value": best.value if best else None, "best_trial": best.number if best else None,
+        "study": study.study_name,
+        "n_trials": n_trials,
+        "counts": counts,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
         "best_params": best.params if best else {},
-        "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                    "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in trials],
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+            for t in trials
+        ],
     }
     with atomic_path(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -307,8 +374,11 @@ def export_results(study: optuna.Study, context: dict, n_trials: int) -> StudyRe
             tmp.write_text(json.dumps({"best_value": summary["best_value"], **counts}, indent=1) + "\n")
     plots = _write_plots(study, out_dir)
     parent = context["parent"]
-    tracking.log_to_run(parent, metrics={"best_value": best.value} if best else {},
-                        artifacts=[out_dir / "best_params.yaml", out_dir / "summary.json", *plots])
+    tracking.log_to_run(
+        parent,
+        metrics={"best_value": best.value} if best else {},
+        artifacts=[out_dir / "best_params.yaml", out_dir / "summary.json", *plots],
+    )
     return StudyResult(study.study_name, best.value if best else None, best_overrides, counts, out_dir)
 
 

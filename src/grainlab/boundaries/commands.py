@@ -80,7 +80,8 @@ def register(groups, common):
     study.add_argument("--runs", default="outputs/boundaries", help="run output root (default: %(default)s)")
     study.add_argument("--log-models", action="store_true", help="also log each run's pyfunc model to MLflow")
     study.add_argument(
-        "--from-runs", action="store_true",
+        "--from-runs",
+        action="store_true",
         help="do not train: report on the finished runs under --runs (as the DVC pipeline's train stages made them)",
     )
     study.add_argument("--metrics", default=None, help="also write the study's metrics JSON here (for DVC)")
@@ -198,8 +199,14 @@ def run_study(args):
     from grainlab.boundaries.study import run_study as study
 
     params = params_from(args)
-    path = study(params, Path(args.out), Path(args.runs), log_models=args.log_models, train=not args.from_runs,
-                 metrics_path=Path(args.metrics) if args.metrics else None)
+    path = study(
+        params,
+        Path(args.out),
+        Path(args.runs),
+        log_models=args.log_models,
+        train=not args.from_runs,
+        metrics_path=Path(args.metrics) if args.metrics else None,
+    )
     print(path.read_text().split("## Test metrics")[0].strip())
     print(f"wrote {path}")
 

@@ -281,7 +281,9 @@ def train_boundaries(
         history, start_epoch, run_id = list(ckpt["history"]), ckpt["epoch"] + 1, ckpt["run_id"]
     model = LoadedModel(net, device, to_dict(params), 0)
     tags = {
-        **tracking.standard_tags(dataset=ds.name, loss=loss, device=device_name(device), stage="boundary-train"),
+        **tracking.standard_tags(
+            dataset=ds.name, loss=loss, device=device_name(device), stage="boundary-train"
+        ),
         **(run_tags or {}),
     }
     run_params = {
@@ -347,7 +349,9 @@ def load_result(out_dir: Path) -> TrainResult:
     metrics_path = Path(out_dir) / "metrics.json"
     if not metrics_path.is_file():
         raise GrainlabError(f"{metrics_path}: not found; the run in {out_dir} did not finish")
-    return TrainResult(Path(out_dir), ckpt["run_id"], list(ckpt["history"]), json.loads(metrics_path.read_text()))
+    return TrainResult(
+        Path(out_dir), ckpt["run_id"], list(ckpt["history"]), json.loads(metrics_path.read_text())
+    )
 
 
 def final_metrics(history: list[dict], snapshot_epochs) -> dict:

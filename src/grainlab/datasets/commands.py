@@ -13,14 +13,18 @@ def register(groups, common):
     verbs = data.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     synth = verbs.add_parser(
-        "synth", parents=[common], help="generate the synthetic datasets under data/",
+        "synth",
+        parents=[common],
+        help="generate the synthetic datasets under data/",
         description="Generate the thin-film BF TEM recipes (lopez-toderas, grae, gong, grae-large) with "
         "their held-out test set under data/grain_boundaries/, and the steel microstructure library "
         "(quiz-1 and quiz-2 analogues) under data/microstructures/. Deterministic: the same params "
         "give byte-identical files.",
     )
     synth.add_argument(
-        "--only", choices=("grain_boundaries", "microstructures"), default=None,
+        "--only",
+        choices=("grain_boundaries", "microstructures"),
+        default=None,
         help="make only one of the two data families (default: both)",
     )
     synth.add_argument("--out", default=None, help="data root (default: data.root from params, 'data')")
@@ -28,7 +32,9 @@ def register(groups, common):
     synth.set_defaults(func=run_synth)
 
     preview = verbs.add_parser(
-        "preview", parents=[common], help="write contact sheets of the synthetic data",
+        "preview",
+        parents=[common],
+        help="write contact sheets of the synthetic data",
         description="Write PNG contact sheets: one synthetic region across its tilts with the per-image and "
         "composite tracings and the exact truth; and every microstructure class at several magnifications.",
     )
@@ -36,17 +42,24 @@ def register(groups, common):
     preview.set_defaults(func=run_preview)
 
     imp = verbs.add_parser(
-        "import", parents=[common], help="import real micrographs with hand tracings",
+        "import",
+        parents=[common],
+        help="import real micrographs with hand tracings",
         description="Import a folder of micrographs and a folder of tracings (matched by file stem) into "
         "data/grain_boundaries/NAME in the same layout as the synthetic data.",
     )
-    imp.add_argument("src", help="source folder holding images/ (or micrographs/) and masks/ (or labels/, tracings/)")
+    imp.add_argument(
+        "src", help="source folder holding images/ (or micrographs/) and masks/ (or labels/, tracings/)"
+    )
     imp.add_argument("--name", required=True, help="dataset name, a plain folder name")
-    imp.add_argument("--pixel-size", type=float, default=None, metavar="NM", help="pixel size in nm (optional)")
+    imp.add_argument(
+        "--pixel-size", type=float, default=None, metavar="NM", help="pixel size in nm (optional)"
+    )
     imp.add_argument("--images", default=None, help="micrograph folder, if not SRC/images")
     imp.add_argument("--masks", default=None, help="tracing folder, if not SRC/masks")
     imp.add_argument(
-        "--region-pattern", default=r"^([^-_]+)",
+        "--region-pattern",
+        default=r"^([^-_]+)",
         help="regex whose first group is the region (source) id in a file stem; train/validation "
         "splits keep a region on one side (default: %(default)r, e.g. '10' from '10-256-512')",
     )
@@ -72,7 +85,9 @@ def run_synth(args):
         with staged_dir(root / "microstructures") as tmp:
             build_library(params.microstructures, tmp, params.seed, workers)
         print(f"{root / 'microstructures'}: steel micrograph library")
-    print(f"synthesised in {time.perf_counter() - start:.1f} s ({params.profile} profile, seed {params.seed})")
+    print(
+        f"synthesised in {time.perf_counter() - start:.1f} s ({params.profile} profile, seed {params.seed})"
+    )
 
 
 def run_preview(args):
@@ -95,8 +110,14 @@ def run_import(args):
     params = params_from(args)
     root = Path(args.out or params.data.root) / "grain_boundaries"
     manifest = import_dataset(
-        args.src, root, args.name, pixel_size_nm=args.pixel_size, images_dir=args.images,
-        masks_dir=args.masks, region_pattern=args.region_pattern, max_pixels=params.data.max_image_pixels,
+        args.src,
+        root,
+        args.name,
+        pixel_size_nm=args.pixel_size,
+        images_dir=args.images,
+        masks_dir=args.masks,
+        region_pattern=args.region_pattern,
+        max_pixels=params.data.max_image_pixels,
     )
     regions = sorted({p["region"] for p in manifest["pairs"]})
     print(f"imported {len(manifest['pairs'])} pairs from {len(regions)} regions into {root / args.name}")

@@ -72,7 +72,9 @@ def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise DatasetError(f"{root}: no {MANIFEST}; expected a dataset folder made by `grainlab data synth` or `grainlab data import`")
+        raise DatasetError(
+            f"{root}: no {MANIFEST}; expected a dataset folder made by `grainlab data synth` or `grainlab data import`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -94,7 +96,9 @@ def load_dataset(root: str | Path) -> Dataset:
         except (KeyError, TypeError):
             raise DatasetError(f"{path}: pairs[{i}] needs 'image', 'label' and 'region'") from None
         meta = {k: v for k, v in entry.items() if k not in ("image", "label", "region")}
-        pairs.append(Pair(_inside(root, image, "image", path), _inside(root, label, "label", path), region, meta))
+        pairs.append(
+            Pair(_inside(root, image, "image", path), _inside(root, label, "label", path), region, meta)
+        )
     if not pairs:
         raise DatasetError(f"{path}: the dataset has no pairs")
     return Dataset(

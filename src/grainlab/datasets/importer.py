@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from grainlab.datasets.folder import DatasetError, write_manifest
-from grainlab.images import IMAGE_SUFFIXES, list_images, read_image, read_mask, staged_dir, write_image, write_mask
+from grainlab.images import (
+    IMAGE_SUFFIXES,
+    list_images,
+    read_image,
+    read_mask,
+    staged_dir,
+    write_image,
+    write_mask,
+)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 IMAGE_DIRS = ("images", "micrographs")
@@ -37,7 +45,9 @@ def _by_stem(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in list_images(folder):
         if path.stem in files:
-            raise DatasetError(f"{folder}: two files share the stem {path.stem!r}: {files[path.stem].name}, {path.name}")
+            raise DatasetError(
+                f"{folder}: two files share the stem {path.stem!r}: {files[path.stem].name}, {path.name}"
+            )
         files[path.stem] = path
     return files
 
@@ -68,11 +78,15 @@ def import_dataset(
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder not found")
     if pixel_size_nm is not None and not (np.isfinite(pixel_size_nm) and pixel_size_nm > 0):
-        raise DatasetError(f"--pixel-size {pixel_size_nm}: expected a positive number of nanometres per pixel")
+        raise DatasetError(
+            f"--pixel-size {pixel_size_nm}: expected a positive number of nanometres per pixel"
+        )
     try:
         region_re = re.compile(region_pattern)
     except re.error as exc:
-        raise DatasetError(f"--region-pattern {region_pattern!r}: not a valid regular expression ({exc})") from None
+        raise DatasetError(
+            f"--region-pattern {region_pattern!r}: not a valid regular expression ({exc})"
+        ) from None
 
     images = _by_stem(_find_dir(src, images_dir, IMAGE_DIRS, "micrograph"))
     masks = _by_stem(_find_dir(src, masks_dir, MASK_DIRS, "tracing"))
@@ -119,9 +133,22 @@ def import_dataset(
                 image = np.repeat(image[..., None], 3, axis=2)
             write_image(tmp / rel_img, image)
             write_mask(tmp / rel_mask, mask)
-            pairs.append({"image": rel_img, "label": rel_mask, "region": region,
-                          "source_image": img_path.name, "source_label": mask_path.name})
-        manifest = {"name": name, "kind": "imported", "source": str(src), "pixel_size_nm": pixel_size_nm,
-                    "channels": channels, "pairs": pairs}
+            pairs.append(
+                {
+                    "image": rel_img,
+                    "label": rel_mask,
+                    "region": region,
+                    "source_image": img_path.name,
+                    "source_label": mask_path.name,
+                }
+            )
+        manifest = {
+            "name": name,
+            "kind": "imported",
+            "source": str(src),
+            "pixel_size_nm": pixel_size_nm,
+            "channels": channels,
+            "pairs": pairs,
+        }
         write_manifest(tmp, manifest)
     return manifest

@@ -25,18 +25,24 @@ def write_tem_preview(params: Params, out_png: Path, n_tilts: int = 6) -> Path:
     grid = params.tilts.grid_alpha_deg
     alphas = [grid[i] for i in np.round(np.linspace(0, len(grid) - 1, n_tilts)).astype(int)]
     shots = [tem.render(region, cfg, a, params.tilts.grid_beta_deg, rng) for a in alphas]
-    careful = params.tracers["careful"] if "careful" in params.tracers else next(iter(params.tracers.values()))
-    per_image = [tem.trace(region, vis, careful, rng, tem.bend_contour_map(region, cfg, a, params.tilts.grid_beta_deg))
-                 for a, (_, vis) in zip(alphas, shots)]
+    careful = (
+        params.tracers["careful"] if "careful" in params.tracers else next(iter(params.tracers.values()))
+    )
+    per_image = [
+        tem.trace(region, vis, careful, rng, tem.bend_contour_map(region, cfg, a, params.tilts.grid_beta_deg))
+        for a, (_, vis) in zip(alphas, shots, strict=True)
+    ]
     composite = tem.trace(region, np.logical_or.reduce([vis for _, vis in shots]), careful, rng)
 
     fov = cfg.image_px * cfg.pixel_nm
     fig, axes = plt.subplots(3, n_tilts, figsize=(2.6 * n_tilts, 8.2))
-    for j, (a, (img, vis)) in enumerate(zip(alphas, shots)):
+    for j, (a, (img, vis)) in enumerate(zip(alphas, shots, strict=True)):
         axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(f"alpha {a:+.0f} deg", fontsize=9)
         axes[1, j].imshow(per_image[j], cmap="gray")
-        axes[1, j].set_title(f"per-image tracing ({vis.mean() / max(region.boundaries.mean(), 1e-9):.0%} visible)", fontsize=8)
+        axes[1, j].set_title(
+            f"per-image tracing ({vis.mean() / max(region.boundaries.mean(), 1e-9):.0%} visible)", fontsize=8
+        )
     row3 = [
         (composite, "gray", "composite tracing"),
         (region.boundaries, "gray", "exact boundary network"),

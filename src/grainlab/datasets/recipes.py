@@ -45,7 +45,7 @@ def choose_tilts(recipe: RecipeConfig, params: Params, rng) -> list[tuple[float,
     else:
         alpha = rng.uniform(-t.max_alpha_deg, t.max_alpha_deg, n_unique)
         beta = rng.uniform(-t.max_beta_deg, t.max_beta_deg, n_unique)
-        distinct = [(round(float(a), 2), round(float(b), 2)) for a, b in zip(alpha, beta)]
+        distinct = [(round(float(a), 2), round(float(b), 2)) for a, b in zip(alpha, beta, strict=True)]
     repeats = [distinct[i] for i in rng.integers(0, n_unique, n - n_unique)]
     return distinct + repeats
 
@@ -69,7 +69,11 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
         t = params.tilts
         tilts = [
             (round(float(a), 2), round(float(b), 2))
-            for a, b in zip(rng.uniform(-t.max_alpha_deg, t.max_alpha_deg, n), rng.uniform(-t.max_beta_deg, t.max_beta_deg, n))
+            for a, b in zip(
+                rng.uniform(-t.max_alpha_deg, t.max_alpha_deg, n),
+                rng.uniform(-t.max_beta_deg, t.max_beta_deg, n),
+                strict=True,
+            )
         ]
         recipe, tracer = None, None
     else:
@@ -85,13 +89,18 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
         composite = f"labels/{rid}.png"
         write_mask(out / composite, tem.trace(region, union, tracer, rng, guide))
 
-    for k, ((alpha, beta), (image, visible)) in enumerate(zip(tilts, rendered)):
+    for k, ((alpha, beta), (image, visible)) in enumerate(zip(tilts, rendered, strict=True)):
         name = f"{rid}_{k:02d}"
         img_rel = _image_path(name, fmt)
         write_image(out / img_rel, image, bits=16 if fmt == "tiff16" else 8)
         write_mask(truth / "visible" / f"{name}.png", visible)
-        entry = {"image": img_rel, "region": rid, "tilt_deg": [alpha, beta], "pixel_size_nm": cfg.pixel_nm,
-                 "visible": f"truth/visible/{name}.png"}
+        entry = {
+            "image": img_rel,
+            "region": rid,
+            "tilt_deg": [alpha, beta],
+            "pixel_size_nm": cfg.pixel_nm,
+            "visible": f"truth/visible/{name}.png",
+        }
         if recipe is None:
             entry["label"] = f"labels/{name}.png"
             entry["grains"] = f"grains/{name}.png"
@@ -114,7 +123,9 @@ def _build_region_job(job):
     return build_region(params, dataset, index, out)
 
 
-def build_tem_datasets(params: Params, out_root: Path, workers: int = 1, progress: bool = True) -> dict[str, int]:
+def build_tem_datasets(
+    params: Params, out_root: Path, workers: int = 1, progress: bool = True
+) -> dict[str, int]:
     """Write every recipe and the held-out test set under out_root; return pair counts by dataset."""
     jobs = []
     for name, recipe in params.recipes.items():
@@ -125,7 +136,7 @@ def build_tem_datasets(params: Params, out_root: Path, workers: int = 1, progres
     bar = tqdm(total=len(jobs), desc="tem regions", unit="region", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for job, pairs in zip(jobs, pool.map(_build_region_job, jobs, chunksize=1)):
+            for job, pairs in zip(jobs, pool.map(_build_region_job, jobs, chunksize=1), strict=True):
                 results[(job[1], job[2])] = pairs
                 bar.update()
     else:

@@ -91,8 +91,8 @@ def _write_json(path: Path, data: dict) -> None:
 def run_train(args):
     from grainlab import tracking
     from grainlab.config import flatten
-    from grainlab.serving import log_recognizer_model
     from grainlab.recognition.train import load_images, train_recognizer
+    from grainlab.serving import log_recognizer_model
 
     params = params_from(args)
     library = _library(args, params)
@@ -204,7 +204,11 @@ def run_evaluate(args):
             run_file = models / name / RUN_FILE
             if run_file.is_file():  # the quiz scores also go to the model's training run (for the registry)
                 train_run = json.loads(run_file.read_text())["run_id"]
-                tracking.log_to_run(train_run, {f"quiz/{k.removeprefix('quiz_')}": v for k, v in metrics.items()}, finish=False)
+                tracking.log_to_run(
+                    train_run,
+                    {f"quiz/{k.removeprefix('quiz_')}": v for k, v in metrics.items()},
+                    finish=False,
+                )
             print(
                 f"{name}: quiz accuracy {metrics['quiz_accuracy']:.3f}, closed-set {metrics['closed_accuracy']:.3f}"
                 + (
