@@ -31,12 +31,6 @@ def grainlab(*argv) -> int:
         return 2
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    """One MLflow database per module: creating its tables takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, tracking_uri):
     monkeypatch.chdir(tmp_path)

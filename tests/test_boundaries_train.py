@@ -28,12 +28,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    """One MLflow database per module: creating its tables takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, tracking_uri):
     monkeypatch.chdir(tmp_path)
