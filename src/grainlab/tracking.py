@@ -154,13 +154,6 @@ def set_tags(tags: dict):
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
 
 
-def get_run(run_id: str):
-    try:
-        return _mlflow().get_run(run_id)
-    except Exception as exc:  # MLflow raises its own exception types
-        raise GrainlabError(f"MLflow run {run_id!r} not found at {mask_url(tracking_uri())}: {exc}") from None
-
-
 def download_model_checkpoint(uri: str) -> Path:
     """The checkpoint file (*.pt) of a logged boundary model: models:/NAME/VERSION or runs:/ID/model."""
     mlflow = _mlflow()
