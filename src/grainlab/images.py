@@ -9,6 +9,8 @@ are neither 8/16-bit integers nor floats in [0, 1].
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -151,6 +153,21 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _json_ready(obj):
+    """Non-finite floats become null, so the file stays valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_ready(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def write_json(path: str | Path, data, *, sort_keys: bool = False):
+    """Write data as indented JSON through a temporary file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_ready(data), indent=1, sort_keys=sort_keys) + "\n")
 
 
 def _save(im: Image.Image, path: Path, **kw):

@@ -8,13 +8,12 @@ otherwise it gets `challenger`. Registering the same run twice changes nothing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from grainlab import tracking
 from grainlab.config import Params
-from grainlab.images import atomic_path
+from grainlab.images import write_json
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,7 @@ def promote(family: ModelFamily) -> dict:
 def register_best(params: Params, out_json: Path) -> list[str]:
     """Promote every family; write the registry state to out_json; return one line per model."""
     states = [promote(family) for family in FAMILIES]
-    with atomic_path(out_json) as tmp:
-        tmp.write_text(json.dumps({"profile": params.profile, "models": states}, indent=1) + "\n")
+    write_json(out_json, {"profile": params.profile, "models": states})
     lines = []
     for s in states:
         if "version" in s:

@@ -21,7 +21,6 @@ Objectives are validation metrics, never test-set ones:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -37,7 +36,7 @@ from optuna.trial import TrialState
 from grainlab import tracking
 from grainlab.config import Params, apply_overrides, dump_yaml, nest
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path
+from grainlab.images import atomic_path, write_json
 
 STORAGE_ENV = "GRAINLAB_OPTUNA_STORAGE"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -367,11 +366,9 @@ def export_results(study: optuna.Study, context: dict, n_trials: int) -> StudyRe
             for t in trials
         ],
     }
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out_dir / "summary.json", summary)
     if context.get("metrics_path"):
-        with atomic_path(context["metrics_path"]) as tmp:
-            tmp.write_text(json.dumps({"best_value": summary["best_value"], **counts}, indent=1) + "\n")
+        write_json(context["metrics_path"], {"best_value": summary["best_value"], **counts})
     plots = _write_plots(study, out_dir)
     parent = context["parent"]
     tracking.log_to_run(

@@ -160,7 +160,7 @@ def run_evaluate(args):
     for name, s in scores.items():
         print(f"{name:10s}" + "".join(f"{s[k]:15.3f}" for k in keys))
     if args.out:
-        from grainlab.boundaries.train import write_json
+        from grainlab.images import write_json
 
         write_json(Path(args.out), {f"{n}/{k}": v for n, s in scores.items() for k, v in s.items()})
 
@@ -168,8 +168,9 @@ def run_evaluate(args):
 def evaluate_regions(args, params):
     from grainlab.boundaries.evaluate import baseline_tracer, model_tracer, score_validation_regions
     from grainlab.boundaries.infer import load_model
-    from grainlab.boundaries.train import dataset_root, write_json
+    from grainlab.boundaries.train import dataset_root
     from grainlab.datasets.folder import load_dataset, split_by_region
+    from grainlab.images import write_json
 
     cfg = params.boundaries
     if not args.model:

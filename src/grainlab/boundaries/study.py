@@ -10,7 +10,6 @@ Writes into the report folder:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from grainlab.boundaries.infer import load_model
 from grainlab.boundaries.train import OUTPUT_ROOT, load_result, test_items, train_boundaries
 from grainlab.config import Params
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, read_image, read_labels
+from grainlab.images import atomic_path, read_image, read_labels, write_json
 
 TABLE_METRICS = (
     "boundary_f1",
@@ -172,12 +171,5 @@ def run_study(
         tmp.write_text("\n".join(lines))
     summary = {"baseline": baseline, **{f"{d}/{loss}": s for (d, loss), s in final.items()}}
     for path in {report_dir / "study.json", Path(metrics_path or report_dir / "study.json")}:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(_finite(summary), indent=1) + "\n")
+        write_json(path, summary)
     return report_dir / "study.md"
-
-
-def _finite(obj):
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from grainlab.boundaries.unet import UNetArgs, build_unet
 from grainlab.config import Params, flatten, to_dict
 from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, read_image, write_image, write_mask
+from grainlab.images import atomic_path, read_image, write_image, write_json, write_mask
 
 OUTPUT_ROOT = Path("outputs/boundaries")
 
@@ -208,14 +207,6 @@ def write_history(out_dir: Path, history: list[dict]):
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-
-
-def write_json(path: Path, data):
-    def clean(v):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({k: clean(v) for k, v in data.items()}, indent=1) + "\n")
 
 
 def train_boundaries(

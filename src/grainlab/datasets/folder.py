@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path
+from grainlab.images import write_json
 
 MANIFEST = "manifest.json"
 
@@ -146,5 +146,4 @@ def split_by_region(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[
 
 
 def write_manifest(root: Path, manifest: dict):
-    with atomic_path(root / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_json(root / MANIFEST, manifest, sort_keys=True)

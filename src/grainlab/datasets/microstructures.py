@@ -23,7 +23,7 @@ import numpy as np
 
 from grainlab.config import MicroConfig
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, read_image, write_image
+from grainlab.images import atomic_path, read_image, write_image, write_json
 from grainlab.synth import micro
 
 NONE = "none"
@@ -115,8 +115,7 @@ def build_library(cfg: MicroConfig, out_dir: Path, seed: int, workers: int) -> N
         "quiz2": {"classes": list(QUIZ2_CLASSES), "unknown": []},
     }
     manifest = {"seed": seed, "image_px": cfg.image_px, "none": NONE, "tasks": tasks, "images": entries}
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_json(out_dir / MANIFEST, manifest, sort_keys=True)
     write_preview(out_dir, out_dir / "preview.png")
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from grainlab.cli import params_from
+from grainlab.images import write_json
 
 NOMAG = "-nomag"
 RUN_FILE = "run.json"  # the MLflow run that trained a model
@@ -81,13 +82,6 @@ def model_variants(cfg) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from grainlab.images import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
 def run_train(args):
     from grainlab import tracking
     from grainlab.config import flatten
@@ -122,7 +116,7 @@ def run_train(args):
             recognizer = train_recognizer(cfg, data, params.seed, on_epoch)
             tracking.set_tags({"device": str(recognizer.device)})
             model_dir = recognizer.save(out / name)
-            _write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
+            write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
             final = {
                 "train/triplet_loss": history["train/triplet_loss"],
                 "train/none_threshold": recognizer.gmm.threshold,
@@ -133,7 +127,7 @@ def run_train(args):
             log_recognizer_model(model_dir, recognizer.gmm.labels)
         summary.update({f"{name}/{k.split('/')[-1]}": v for k, v in final.items()})
         print(f"{name}: saved {model_dir} ({final['train/seconds']:.0f} s)")
-    _write_json(Path(args.metrics) if args.metrics else out / "train_metrics.json", summary)
+    write_json(Path(args.metrics) if args.metrics else out / "train_metrics.json", summary)
 
 
 def _load_model(spec: str | None, out_dir: str, device: str):
@@ -221,7 +215,7 @@ def run_evaluate(args):
         (reports / "comparison.md").write_text("# Recognition quiz results\n\n" + table)
         tracking.log_artifacts(reports, "reports")
     print(table)
-    _write_json(
+    write_json(
         Path(args.metrics) if args.metrics else reports / "metrics.json",
         {f"{n}/{k}": v for n, m in all_metrics.items() for k, v in m.items()},
     )
