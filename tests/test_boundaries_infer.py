@@ -17,7 +17,15 @@ from grainlab.boundaries.grains import (
     prune_spurs,
     trace_boundaries,
 )
-from grainlab.boundaries.infer import LoadedModel, hann_window, load_model, predict_probability
+from grainlab.boundaries.infer import (
+    LoadedModel,
+    blend_window,
+    inference_network,
+    load_model,
+    predict_logits,
+    predict_probability,
+    tile_layout,
+)
 from grainlab.boundaries.metrics import (
     boundary_scores,
     centroid_scores,
@@ -77,8 +85,76 @@ def test_tiles_blend_to_the_whole_image_result(model):
     whole = predict_probability(model, image, tile=64)
     tiled = predict_probability(model, image, tile=32, overlap=0.5, batch_size=3)
     assert np.abs(whole - tiled).mean() < 0.05
-    w = hann_window(4, 6)
-    assert w.shape == (4, 6) and w.min() > 0
+    w = blend_window(40, 8)
+    assert w.shape == (40,) and w.min() > 0 and w[8:32].min() == 1
+    # in an overlap of exactly the ramp, one tile fades out as the next fades in
+    np.testing.assert_allclose(w[-8:] + w[:8], 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("length", [1, 7, 32, 100, 250, 257, 2048, 8192])
+@pytest.mark.parametrize("tile", [32, 256, 1024])
+def test_tile_layout_covers_with_the_fewest_evenly_spread_tiles(length, tile):
+    side, starts = tile_layout(length, tile, tile // 8, 8)
+    assert side % 8 == 0 and side <= max(tile, -(-length // 8) * 8)
+    assert starts[0] == 0 and starts[-1] + side >= length
+    overlaps = [a + side - b for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(o >= tile // 8 for o in overlaps)
+    assert len(starts) == max(1, -(-(length - tile // 8) // (tile - tile // 8)))
+
+
+def test_folded_batchnorm_gives_the_same_logits(model):
+    net = model.net
+    for m in net.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    fast = inference_network(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(2, 1, 48, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-4)
+    # cached until a weight changes
+    assert inference_network(net) is fast
+    with torch.no_grad():
+        net.head.bias += 1
+    assert inference_network(net) is not fast
+
+
+def reference_logits(model, image, tile):
+    """The plain path: mirror out to whole tiles, one tile at a time, the network as it is."""
+    h, w = image.shape
+    ph, pw = -(-h // tile) * tile, -(-w // tile) * tile
+    padded = np.pad(image, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    out = np.zeros((ph, pw), np.float32)
+    with torch.no_grad():
+        for y in range(0, ph, tile):
+            for x in range(0, pw, tile):
+                t = torch.from_numpy(np.ascontiguousarray(padded[None, None, y : y + tile, x : x + tile]))
+                out[y : y + tile, x : x + tile] = model.net(t)[0, 0].numpy()
+    return out[:h, :w]
+
+
+def test_fast_tiled_inference_matches_the_plain_path_on_one_tile(model):
+    # one tile: the blended, folded, channels-last path must give the plain network's output
+    image = np.random.default_rng(3).random((64, 64), dtype=np.float32)
+    np.testing.assert_allclose(
+        predict_logits(model, image, tile=64), reference_logits(model, image, 64), rtol=1e-4, atol=1e-4
+    )
+    prob = predict_probability(model, image, tile=64)
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-reference_logits(model, image, 64))), atol=1e-5)
+
+
+def test_blending_is_a_weighted_mean_of_overlapping_tiles(model):
+    # a constant network output must come back unchanged wherever tiles overlap
+    image = np.random.default_rng(4).random((200, 136), dtype=np.float32)
+    with torch.no_grad():
+        for p in model.net.head.parameters():
+            p.zero_()
+        model.net.head.bias += 1.5
+    np.testing.assert_allclose(predict_logits(model, image, tile=64, overlap=0.25), 1.5, atol=1e-5)
 
 
 def test_rgb_input_to_grey_model(model):
