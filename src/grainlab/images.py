@@ -4,11 +4,16 @@ Every reader refuses bad files with an ImageError that names the file: empty, tr
 or corrupt files, files that are no image, images whose header claims more pixels than
 the limit (a decompression bomb is refused before it is decoded), and pixel types that
 are neither 8/16-bit integers nor floats in [0, 1].
+
+Every writer goes through a temporary path (atomic_path, staged_dir). A write that fails
+for a full disk or a read-only or unwritable folder raises an OutputError that names the
+output path, and leaves the old file or folder as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -36,6 +41,45 @@ os.umask(_UMASK)
 
 class ImageError(GrainlabError):
     pass
+
+
+class OutputError(GrainlabError):
+    """An output could not be written: a full disk, or a read-only or unwritable folder."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = Path(path), reason
+
+    def __str__(self):
+        return (
+            f"{self.path}: cannot write ({self.reason}); nothing was left half-written there. "
+            "Free some space or choose a writable output folder"
+        )
+
+
+# Errors that mean "this output cannot be written here". While creating a file or folder
+# a permission error means the same; inside a write block it may come from reading an input.
+_SETUP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and check a file can be made in it (OutputError if not)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        if exc.errno in _SETUP_ERRNOS:
+            raise OutputError(folder, _reason(exc)) from None
+        raise
+    return folder
 
 
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
@@ -141,17 +185,29 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A full disk or an unwritable folder raises OutputError naming `path`; the old file stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno in _SETUP_ERRNOS:
+            raise OutputError(path, _reason(exc)) from None
+        raise
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputError(path, _reason(exc)) from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
 
 
@@ -205,11 +261,17 @@ def write_labels(path: str | Path, labels: np.ndarray):
 def staged_dir(target: str | Path):
     """Build a folder in a temporary sibling and swap it onto `target` only on success.
 
-    On any error the partial folder is removed and the old `target`, if any, is kept.
+    On any error the partial folder is removed and the old `target`, if any, is kept. A full
+    disk or an unwritable folder raises OutputError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        if exc.errno in _SETUP_ERRNOS:
+            raise OutputError(target, _reason(exc)) from None
+        raise
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
@@ -219,9 +281,20 @@ def staged_dir(target: str | Path):
             if old.exists():
                 shutil.rmtree(old)
             target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if old is not None:
+                old.rename(target)
+            raise
         if old is not None:
             shutil.rmtree(old)
+    except OutputError as exc:  # a file inside the staged folder: name the folder, not the temporary path
+        raise OutputError(target, exc.reason) from None
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputError(target, _reason(exc)) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

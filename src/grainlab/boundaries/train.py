@@ -16,7 +16,9 @@ with or without an interruption and `resume` in between.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from grainlab.boundaries.unet import UNetArgs, build_unet
 from grainlab.config import Params, flatten, to_dict
 from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, read_image, write_image, write_json, write_mask
+from grainlab.images import atomic_path, ensure_writable, read_image, write_image, write_json, write_mask
 
 OUTPUT_ROOT = Path("outputs/boundaries")
 
@@ -91,9 +93,17 @@ def device_name(device: torch.device) -> str:
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Write a checkpoint atomically (temp file, then rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write a checkpoint atomically (temp file, then rename).
+
+    It is serialised in memory first: torch's own file writer reports a full disk as a bare
+    RuntimeError, a plain file write raises the OSError that names the problem.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _rng_state(sampler: CropSampler) -> dict:
@@ -238,6 +248,7 @@ def train_boundaries(
         val_pairs = val_pairs[:: max(1, len(val_pairs) // cfg.val_max_images)][: cfg.val_max_images]
     out_dir = Path(out_root) / f"{ds.name}-{loss}"
     ckpt_path = out_dir / "checkpoints" / "last.pt"
+    ensure_writable(ckpt_path.parent)  # an unwritable output folder fails now, not after an epoch
     items = test_items(params)
 
     device = pick_device()
