@@ -57,10 +57,9 @@ serve: setup
 serve-recognizer: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING) $(BIN)/mlflow models serve -m models:/microstructure-recognizer@champion --env-manager local --host $(HOST) --port 5002
 
+# The benchmark suite: a table, and every figure in benchmarks/results.json. BENCH="--quick" for a smoke run.
 bench: setup
-	$(BIN)/python benchmarks/bench_synth.py
-	$(BIN)/python benchmarks/bench_boundaries.py
-	$(BIN)/python benchmarks/bench_recognition.py
+	$(BIN)/python -m benchmarks $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

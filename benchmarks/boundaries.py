@@ -1,0 +1,296 @@
+"""Boundary U-Net: training images/s, achieved GFLOP/s, and tiled inference megapixels/s.
+
+Training runs grainlab's own hot loop (`train.train_epoch`) over its own data path
+(`CropSampler`, `CropDataset` with the configured augmentation, a DataLoader built as
+`train_boundaries` builds it: the profile's batch size and workers, pinned memory on
+CUDA; bf16 autocast and channels-last on CUDA). The plain reference: batch 1 through
+DataLoader(num_workers=0), fp32, same model, data, loss and optimizer.
+
+Inference runs `predict_probability` with the profile's tile settings. The plain
+reference: the image mirrored out to whole 256 px tiles, one tile at a time, fp32,
+without inference_mode or no_grad.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, sync
+from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
+from grainlab.boundaries.infer import LoadedModel, predict_probability
+from grainlab.boundaries.losses import make_loss
+from grainlab.boundaries.train import train_epoch
+from grainlab.boundaries.unet import UNetArgs, build_unet
+from grainlab.config import Params, to_dict
+from grainlab.images import read_image
+
+REFERENCE_TILE = 256
+REAL_DATA = ROOT.parent / "shared" / "data" / "tbm-dev" / "full"
+
+
+def training_samples(params: Params, crop: int, n: int = 16) -> tuple[list, str]:
+    """Up to n (image, mask) pairs of the profile's main dataset, else synthetic noise of crop size."""
+    from grainlab.boundaries.train import dataset_root
+    from grainlab.datasets.folder import load_dataset
+    from grainlab.errors import GrainlabError
+
+    cfg = params.boundaries
+    try:
+        pairs = load_dataset(dataset_root(params, cfg.dataset)).pairs[:n]
+        return load_pairs(pairs, cfg.unet.in_channels, params.data.max_image_pixels), f"dataset {cfg.dataset}"
+    except GrainlabError:
+        rng = np.random.default_rng(0)
+        side = max(crop, params.tem.image_px)
+        samples = [
+            (
+                rng.random((cfg.unet.in_channels, side, side), np.float32).astype(np.float16),
+                rng.random((side, side)) > 0.9,
+            )
+            for _ in range(n)
+        ]
+        return samples, "random images (no dataset found)"
+
+
+def _plain_step(net, opt, x, y):
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def train_figures(
+    params: Params,
+    profile: str,
+    device: torch.device,
+    crop: int,
+    steps: int,
+    ref_images: int,
+    batch: int | None,
+    matmul_n: int = 2048,
+) -> list[Figure]:
+    """Images/s of grainlab's training loop and of the plain loop; GFLOP/s against a matmul."""
+    cfg = params.boundaries
+    batch = batch or cfg.batch_size
+    samples, source = training_samples(params, crop)
+    dataset = CropDataset(samples, crop, build_augmentation(cfg.augment))
+    args = UNetArgs(**to_dict(cfg.unet))
+    loss_fn = make_loss(cfg.loss, **cfg.loss_args.get(cfg.loss, {}))
+
+    torch.manual_seed(params.seed)
+    net = build_unet(args).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sampler = CropSampler(len(samples), batch * steps, params.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(params.seed),
+    )
+    warm = DataLoader(dataset, batch_size=batch, sampler=CropSampler(len(samples), batch, 1))
+    train_epoch(net, warm, loss_fn, opt, device, 0)
+    sync(device)
+    with GpuUtilisation(device) as gpu:
+        start = time.perf_counter()
+        train_epoch(net, loader, loss_fn, opt, device, 1)
+        sync(device)
+        fast = batch * steps / (time.perf_counter() - start)
+
+    torch.manual_seed(params.seed)
+    ref_net = build_unet(args).to(device).train()
+    ref_opt = torch.optim.Adam(ref_net.parameters(), lr=cfg.lr)
+    plain = DataLoader(
+        dataset, batch_size=1, sampler=CropSampler(len(samples), ref_images + 1, 2), num_workers=0
+    )
+    it = iter(plain)
+    x, y = next(it)
+    _plain_step(ref_net, ref_opt, x.to(device), y.to(device))  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for x, y in it:
+        _plain_step(ref_net, ref_opt, x.to(device), y.to(device))
+    sync(device)
+    ref = ref_images / (time.perf_counter() - start)
+
+    # FLOPs of one training step (forward + backward) per image, counted on the CPU copy
+    counter = FlopCounterMode(display=False)
+    probe = build_unet(args).train()
+    with counter:
+        out = probe(torch.rand(1, args.in_channels, crop, crop))
+        out.sum().backward()
+    flops_per_image = counter.get_total_flops()
+    matmul = matmul_gflops(device, matmul_n)
+    achieved = flops_per_image * fast / 1e9
+
+    where = f"{profile} U-Net ({args.depth} levels, base {args.base_channels}), {crop} px, {source}"
+    detail = f"batch {batch}, workers {cfg.workers}" + (
+        ", bf16 autocast, channels-last" if device.type == "cuda" else ""
+    )
+    figures = [
+        Figure(
+            "train",
+            f"training {profile} {crop} px",
+            "img/s",
+            fast,
+            ref,
+            f"{where}; grainlab {detail}; reference batch 1, DataLoader(num_workers=0), fp32",
+            {"batch": batch, "steps": steps, "reference_images": ref_images, "workers": cfg.workers},
+        ),
+        Figure(
+            "flops",
+            f"training {profile} GFLOP/s vs matmul",
+            "GFLOP/s",
+            achieved,
+            matmul,
+            f"{flops_per_image / 1e9:.2f} GFLOP per image (FlopCounterMode, forward + backward) x grainlab img/s; "
+            f"reference: {matmul_n}x{matmul_n} matmul ({'bf16' if device.type == 'cuda' else 'fp32'})",
+            {"gflop_per_image": flops_per_image / 1e9},
+        ),
+    ]
+    if device.type == "cuda":
+        figures.append(
+            Figure(
+                "train",
+                f"training {profile} peak GPU memory",
+                "MiB",
+                torch.cuda.max_memory_allocated(device) / 2**20,
+                detail="torch.cuda.max_memory_allocated over the section",
+            )
+        )
+        if gpu.mean is not None:
+            figures.append(
+                Figure(
+                    "train",
+                    f"training {profile} GPU utilisation",
+                    "%",
+                    gpu.mean,
+                    detail=f"{len(gpu.samples)} samples",
+                )
+            )
+    return figures
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
+    (t,) = best_times([lambda: a @ b], repeats, device)
+    return 2 * n**3 / t / 1e9
+
+
+def plain_tiles(
+    net: torch.nn.Module, chw: np.ndarray, device: torch.device, tile: int = REFERENCE_TILE
+) -> np.ndarray:
+    """The plain loop: mirror out to whole tiles, one tile at a time, fp32, no inference_mode."""
+    _, h, w = chw.shape
+    ph, pw = -(-h // tile) * tile, -(-w // tile) * tile
+    padded = np.pad(chw, ((0, 0), (0, ph - h), (0, pw - w)), mode="symmetric")
+    out = np.zeros((ph, pw), np.float32)
+    for y in range(0, ph, tile):
+        for x in range(0, pw, tile):
+            t = torch.from_numpy(np.ascontiguousarray(padded[None, :, y : y + tile, x : x + tile])).to(device)
+            out[y : y + tile, x : x + tile] = torch.sigmoid(net(t))[0, 0].detach().cpu().numpy()
+    return out[:h, :w]
+
+
+def inference_model(args: UNetArgs, device: torch.device, seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    net = build_unet(args).eval().to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return LoadedModel(net, device, {}, 0)
+
+
+def infer_figure(
+    params: Params,
+    profile: str,
+    device: torch.device,
+    name: str,
+    images: list[np.ndarray],
+    repeats: int,
+    detail: str,
+) -> Figure:
+    cfg = params.boundaries
+    args = UNetArgs(**to_dict(cfg.unet))
+    model = inference_model(args, device)
+    ref_net = build_unet(args).eval().to(device)
+    ref_net.load_state_dict(model.net.state_dict())
+    chws = [np.moveaxis(i, 2, 0) if i.ndim == 3 else i[None] for i in images]
+    mp = sum(i.shape[0] * i.shape[1] for i in images) / 1e6
+
+    def fast():
+        for image in images:
+            predict_probability(model, image, cfg.tile_px, cfg.tile_overlap, cfg.tile_batch)
+
+    def plain():
+        for chw in chws:
+            plain_tiles(ref_net, chw, device)
+
+    t_fast, t_ref = best_times([fast, plain], repeats, device)
+    return Figure(
+        "infer",
+        name,
+        "MP/s",
+        mp / t_fast,
+        mp / t_ref,
+        f"{profile} U-Net, {detail}; grainlab tile {cfg.tile_px} px, overlap {cfg.tile_overlap}, batch "
+        f"{cfg.tile_batch}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
+        {
+            "megapixels": mp,
+            "tile_px": cfg.tile_px,
+            "tile_overlap": cfg.tile_overlap,
+            "tile_batch": cfg.tile_batch,
+        },
+    )
+
+
+def infer_figures(
+    params: Params,
+    profile: str,
+    device: torch.device,
+    size: int,
+    repeats: int,
+    real: Path | None,
+    real_params: Params | None,
+) -> tuple[list[Figure], list[Skipped]]:
+    image = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    figures = [
+        infer_figure(params, profile, device, f"tiled inference {size}x{size}", [image], repeats, "grey")
+    ]
+    skipped = []
+    files = sorted(real.glob("*.png")) if real is not None and real.is_dir() else []
+    if real is None:
+        skipped.append(
+            Skipped("infer", "tiled inference, real micrographs", "not asked for (--real-data none)")
+        )
+    elif not files:
+        skipped.append(
+            Skipped("infer", "tiled inference, real micrographs", f"{real}: no such folder or no PNG in it")
+        )
+    else:
+        micrographs = [read_image(f, channels="rgb") for f in files]
+        shapes = sorted({f"{m.shape[1]}x{m.shape[0]}" for m in micrographs})
+        figures.append(
+            infer_figure(
+                real_params,
+                "tbm-dev",
+                device,
+                f"tiled inference, {len(files)} real micrographs",
+                micrographs,
+                repeats,
+                f"RGB {', '.join(shapes)} from {real}",
+            )
+        )
+    return figures, skipped
