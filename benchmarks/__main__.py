@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profiles", nargs="+", default=["demo", "paper"], help="params.yaml profiles of the U-Net"
     )
     g.add_argument("--train-px", type=int, default=256, help="training crop side")
-    g.add_argument("--steps", type=int, default=3, help="timed grainlab training steps")
+    g.add_argument("--steps", type=int, default=2, help="timed grainlab training steps")
     g.add_argument("--batch", type=int, default=None, help="grainlab batch (default: the profile's)")
     g.add_argument("--ref-images", type=int, default=6, help="images timed in the plain batch-1 loop")
     g.add_argument("--matmul-n", type=int, default=2048, help="side of the reference matmul (GFLOP/s)")
@@ -95,7 +95,7 @@ def table(figures: list[Figure], skipped: list[Skipped]) -> str:
             f.unit,
             fmt(f.value),
             fmt(f.reference),
-            "" if f.ratio is None else f"x{f.ratio:.2f}",
+            "" if f.ratio is None else f"x{f.ratio:.3g}",
         )
         for f in figures
     ]
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         mark[0] = now
         figures.extend(new)
         for f in new:
-            ratio = "" if f.ratio is None else f"  (reference {fmt(f.reference)}, x{f.ratio:.2f})"
+            ratio = "" if f.ratio is None else f"  (reference {fmt(f.reference)}, x{f.ratio:.3g})"
             print(f"[{f.section}] {f.name}: {fmt(f.value)} {f.unit}{ratio}", flush=True)
 
     if "synth" in args.sections:
