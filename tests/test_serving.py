@@ -9,14 +9,6 @@ while the server keeps serving.
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,40 +17,8 @@ from PIL import Image
 from grainlab.boundaries.train import train_boundaries
 from grainlab.cli import main
 from grainlab.config import load_params
-from grainlab.datasets.microstructures import build_library
-from test_boundaries_fixtures import write_data_root
-from test_recognition_cli import FAST, TINY
-
-BOUNDARY_TINY = [
-    "boundaries.unet.base_channels=4",
-    "boundaries.unet.depth=2",
-    "boundaries.epochs=1",
-    "boundaries.snapshot_epochs=[1]",
-    "boundaries.samples_per_epoch=8",
-    "boundaries.crop_px=32",
-    "boundaries.val_max_images=1",
-    "boundaries.test_max_images=1",
-    "boundaries.tile_px=64",
-]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A project folder with tiny data, one boundary run and one recognizer, both registered."""
-    root = tmp_path_factory.mktemp("serving")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    write_data_root(root / "data")
-    build_library(TINY, root / "data" / "microstructures", seed=0, workers=1)
-    (root / "params.yaml").write_text("seed: 0\n")
-    train_boundaries(load_params(None, BOUNDARY_TINY), "toy", "bce", out_root=root / "outputs" / "boundaries")
-    sets = [x for s in FAST for x in ("--set", s)]
-    assert main(["recognition", "train", *sets]) == 0
-    assert main(["recognition", "evaluate", *sets]) == 0
-    assert main(["register"]) == 0
-    yield root
-    mp.undo()
+from serving_helpers import BOUNDARY_TINY, SERVER_LIMITS, image_base64, png_base64, post
+from test_images import png_header_claiming
 
 
 def registry_state(root):
@@ -105,77 +65,6 @@ def test_candidate_worse_on_heldout_becomes_challenger_better_becomes_champion(s
     assert float(version.tags["test/boundary_f1"]) == pytest.approx(held + 0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def servers(store):
-    """Both champions served by `mlflow models serve` on loopback ports."""
-    bin_dir = Path(sys.executable).parent  # the server execs uvicorn from the environment's PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    procs, urls = [], {}
-    for name in ("grain-boundary-unet", "microstructure-recognizer"):
-        port = free_port()
-        cmd = [
-            bin_dir / "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{name}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
-        procs.append(
-            subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-        urls[name] = f"http://127.0.0.1:{port}"
-    try:
-        for (name, url), proc in zip(urls.items(), procs, strict=True):
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/ping", timeout=2)
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"{name} server did not start:\n{proc.stdout.read().decode()[-3000:]}")
-                    time.sleep(0.5)
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-def post(url, payload):
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    req = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def png_base64(array) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_boundary_server_answers_and_rejects_bad_payloads(store, servers):
     url = servers["grain-boundary-unet"]
     image = sorted((store / "data" / "grain_boundaries" / "test" / "images").glob("*.png"))[0]
@@ -201,7 +90,7 @@ def test_boundary_server_answers_and_rejects_bad_payloads(store, servers):
 
 def test_recognizer_server_answers_and_rejects_bad_payloads(store, servers):
     url = servers["microstructure-recognizer"]
-    image = sorted((store / "data" / "microstructures").rglob("*.png"))[0]
+    image = sorted((store / "data" / "microstructures" / "quiz1").rglob("*.png"))[0]
     b64 = base64.b64encode(image.read_bytes()).decode()
     status, body = post(url, {"dataframe_records": [{"image": b64, "px_per_um": 20.0}]})
     assert status == 200, body
@@ -217,3 +106,103 @@ def test_recognizer_server_answers_and_rejects_bad_payloads(store, servers):
         assert 400 <= status < 500, (payload, status, body)
         assert body.get("message"), body
     assert post(url, {"dataframe_records": [{"image": b64, "px_per_um": 20.0}]})[0] == 200
+
+
+# --------------------------------------------------------------------------- odd images and size limits
+
+
+def _tiff_base64(array) -> str:
+    return image_base64(array, "TIFF")
+
+
+def _refused(url, payload, fragment):
+    status, body = post(url, payload)
+    assert 400 <= status < 500, (status, body)
+    assert fragment in body.get("message", ""), body
+    assert "Traceback" not in body.get("message", "")
+
+
+def test_boundary_server_odd_images_and_size_limits(store, servers):
+    url = servers["grain-boundary-unet"]
+    path = sorted((store / "data" / "grain_boundaries" / "test" / "images").glob("*.png"))[0]
+    grey8 = np.asarray(Image.open(path))
+
+    def rows(*images):
+        return {"dataframe_records": [{"image": b} for b in images]}
+
+    status, body = post(url, rows(png_base64(grey8)))
+    assert status == 200, body
+    reference = body["predictions"][0]
+    # A 16-bit PNG and a float32 TIFF of the same picture are normalised to the same floats.
+    for same in (png_base64(grey8.astype(np.uint16) * 257), _tiff_base64(grey8.astype(np.float32) / 255)):
+        status, body = post(url, rows(same))
+        assert status == 200, body
+        assert body["predictions"][0] == reference
+    status, body = post(url, rows(png_base64(np.full((1, 1), 128, np.uint8))))  # one pixel: still traced
+    assert status == 200, body
+    assert np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(body["predictions"][0]["tracing_png"])))
+    ).shape == (1, 1)
+
+    limit_px = SERVER_LIMITS["GRAINLAB_SERVING_MAX_PIXELS"]
+    limit_bytes = SERVER_LIMITS["GRAINLAB_SERVING_MAX_IMAGE_BYTES"]
+    limit_rows = SERVER_LIMITS["GRAINLAB_SERVING_MAX_ROWS"]
+    _refused(url, rows(_tiff_base64(np.full((8, 8), 7.0, np.float32))), "expected values in [0, 1]")
+    bomb = base64.b64encode(png_header_claiming(50000, 50000)).decode()
+    _refused(url, rows(bomb), f"over the limit of {limit_px} (GRAINLAB_SERVING_MAX_PIXELS)")
+    _refused(url, rows(png_base64(np.zeros((1001, 1000), np.uint8))), f"over the limit of {limit_px}")
+    huge = base64.b64encode(b"\0" * (limit_bytes)).decode()  # ~2.7 MB of base64, refused before decoding
+    _refused(url, rows(huge), f"over the limit of {limit_bytes} (GRAINLAB_SERVING_MAX_IMAGE_BYTES)")
+    _refused(
+        url, rows(*[png_base64(grey8)] * (limit_rows + 1)), f"over the limit of {limit_rows} per request"
+    )
+    status, body = post(url, rows(png_base64(grey8)))  # still serving, same answer
+    assert status == 200 and body["predictions"][0] == reference
+
+
+def test_recognizer_server_odd_images_and_size_limits(store, servers):
+    url = servers["microstructure-recognizer"]
+    path = sorted((store / "data" / "microstructures" / "quiz1").rglob("*.png"))[0]
+    grey8 = np.asarray(Image.open(path).convert("L"))
+
+    def rows(*images, px=20.0):
+        return {"dataframe_records": [{"image": b, "px_per_um": px} for b in images]}
+
+    status, body = post(url, rows(png_base64(grey8)))
+    assert status == 200, body
+    reference = body["predictions"][0]
+    for same in (png_base64(grey8.astype(np.uint16) * 257), _tiff_base64(grey8.astype(np.float32) / 255)):
+        status, body = post(url, rows(same))
+        assert status == 200 and body["predictions"][0] == reference, body
+    _refused(
+        url, rows(png_base64(np.zeros((1, 1), np.uint8))), "1x1 pixels is smaller than the smallest crop"
+    )
+    _refused(
+        url, rows(png_base64(np.zeros((20, 40), np.uint8))), "40x20 pixels is smaller than the smallest crop"
+    )
+    bomb = base64.b64encode(png_header_claiming(50000, 50000)).decode()
+    _refused(url, rows(bomb), "over the limit of 1000000 (GRAINLAB_SERVING_MAX_PIXELS)")
+    huge = base64.b64encode(b"\0" * SERVER_LIMITS["GRAINLAB_SERVING_MAX_IMAGE_BYTES"]).decode()
+    _refused(url, rows(huge), "GRAINLAB_SERVING_MAX_IMAGE_BYTES")
+    _refused(url, rows(*[png_base64(grey8)] * 9), "9 images, over the limit of 8 per request")
+    _refused(url, {**rows(png_base64(grey8)), "params": {"n_crops": 0}}, "n_crops = 0")
+    status, body = post(url, rows(png_base64(grey8)))
+    assert status == 200 and body["predictions"][0] == reference
+
+
+def test_serving_limits_come_from_the_environment(monkeypatch):
+    from grainlab.errors import GrainlabError
+    from grainlab.serving import DEFAULT_MAX_ROWS, serving_limits
+
+    monkeypatch.delenv("GRAINLAB_SERVING_MAX_ROWS", raising=False)
+    monkeypatch.setenv("GRAINLAB_SERVING_MAX_PIXELS", "1234")
+    limits = serving_limits(default_pixels=99)
+    assert limits.max_pixels == 1234 and limits.max_rows == DEFAULT_MAX_ROWS
+    monkeypatch.delenv("GRAINLAB_SERVING_MAX_PIXELS")
+    assert serving_limits(default_pixels=99).max_pixels == 99
+    for bad in ("0", "-5", "lots"):
+        monkeypatch.setenv("GRAINLAB_SERVING_MAX_IMAGE_BYTES", bad)
+        with pytest.raises(
+            GrainlabError, match=f"GRAINLAB_SERVING_MAX_IMAGE_BYTES='{bad}': expected a positive"
+        ):
+            serving_limits()

@@ -12,6 +12,18 @@ probability column per class and "none".
 Images are decoded and checked like any image file. Bad input raises
 MlflowException(INVALID_PARAMETER_VALUE), which the server answers with HTTP 400 and the
 message.
+
+Size limits, read from the environment when the server loads the model:
+
+    GRAINLAB_SERVING_MAX_IMAGE_BYTES   base64 characters per image, checked before decoding
+                                       (default 32 MiB)
+    GRAINLAB_SERVING_MAX_PIXELS        pixels per image, checked on the image header before
+                                       decoding (default: the model's data.max_image_pixels)
+    GRAINLAB_SERVING_MAX_ROWS          images per request (default 64)
+
+MLflow's server reads the whole request body before the model sees it; a hard cap on the
+body itself belongs in front of it (a reverse proxy), and MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+(60 s by default) bounds a request's time.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ import base64
 import binascii
 import io
 import math
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -66,6 +80,51 @@ SERVING_PACKAGES = [
 ]
 RECOGNIZER_ARTIFACT = "model_dir"
 
+MAX_IMAGE_BYTES_ENV = "GRAINLAB_SERVING_MAX_IMAGE_BYTES"
+MAX_PIXELS_ENV = "GRAINLAB_SERVING_MAX_PIXELS"
+MAX_ROWS_ENV = "GRAINLAB_SERVING_MAX_ROWS"
+DEFAULT_MAX_IMAGE_BYTES = 32 * 2**20
+DEFAULT_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: images per request, base64 characters and pixels per image."""
+
+    max_pixels: int
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_rows: int = DEFAULT_MAX_ROWS
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return int(default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise GrainlabError(f"{name}={text!r}: expected a positive whole number")
+    return value
+
+
+def serving_limits(default_pixels: int = DEFAULT_MAX_PIXELS) -> Limits:
+    """The request limits: the environment's (see the module docstring), else the defaults."""
+    return Limits(
+        max_pixels=_env_int(MAX_PIXELS_ENV, default_pixels),
+        max_image_bytes=_env_int(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES),
+        max_rows=_env_int(MAX_ROWS_ENV, DEFAULT_MAX_ROWS),
+    )
+
+
+def check_rows(frame: pd.DataFrame, limits: Limits):
+    if len(frame) > limits.max_rows:
+        raise _bad_input(
+            f"request holds {len(frame)} images, over the limit of {limits.max_rows} per request "
+            f"({MAX_ROWS_ENV}); send them in several requests"
+        )
+
 
 def _bad_input(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
@@ -77,12 +136,20 @@ def _png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_image(text, row: int, channels: str, max_pixels: int) -> np.ndarray:
-    """Base64 image bytes -> float image, checked like any image file."""
+def decode_image(text, row: int, channels: str, limits: Limits) -> np.ndarray:
+    """Base64 image bytes -> float image, checked like any image file.
+
+    The base64 text is measured before it is decoded, and the image header before the pixels.
+    """
     from grainlab.images import read_image
 
     if not isinstance(text, str | bytes) or not text:
         raise _bad_input(f"row {row}: 'image' must be a non-empty base64 string of PNG/TIFF/JPEG bytes")
+    if len(text) > limits.max_image_bytes:
+        raise _bad_input(
+            f"row {row}: 'image' is {len(text)} bytes of base64, over the limit of {limits.max_image_bytes} "
+            f"({MAX_IMAGE_BYTES_ENV}); send a smaller image"
+        )
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -91,9 +158,10 @@ def decode_image(text, row: int, channels: str, max_pixels: int) -> np.ndarray:
         path = Path(tmp) / f"row-{row}"
         path.write_bytes(raw)
         try:
-            return read_image(path, channels=channels, max_pixels=max_pixels)
+            return read_image(path, channels=channels, max_pixels=limits.max_pixels)
         except GrainlabError as exc:
-            raise _bad_input(f"row {row}: {str(exc).replace(str(path), 'image')}") from None
+            message = str(exc).replace(str(path), "image").replace("data.max_image_pixels", MAX_PIXELS_ENV)
+            raise _bad_input(f"row {row}: {message}") from None
 
 
 class BoundaryModel(mlflow.pyfunc.PythonModel):
@@ -106,7 +174,9 @@ class BoundaryModel(mlflow.pyfunc.PythonModel):
         cfg = self.model.params.get("boundaries", {})
         self.tile = (cfg.get("tile_px", 256), cfg.get("tile_overlap", 0.25), cfg.get("tile_batch", 8))
         self.post = cfg.get("postprocess", {})
-        self.max_pixels = self.model.params.get("data", {}).get("max_image_pixels", 100_000_000)
+        self.limits = serving_limits(
+            self.model.params.get("data", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
+        )
 
     def predict(self, context, model_input, params=None):
         from grainlab.boundaries.grains import Postprocess, grain_stats, label_grains, trace_boundaries
@@ -116,11 +186,12 @@ class BoundaryModel(mlflow.pyfunc.PythonModel):
         if not isinstance(frame, pd.DataFrame) or "image" not in frame.columns:
             columns = list(getattr(frame, "columns", []))
             raise _bad_input(f"expected a column 'image' (base64 PNG/TIFF bytes); got columns {columns}")
+        check_rows(frame, self.limits)
         post = Postprocess(**self.post)
         channels = "rgb" if self.model.in_channels == 3 else "grey"
         rows = []
         for i, record in enumerate(frame.to_dict("records")):
-            image = decode_image(record["image"], i, channels, self.max_pixels)
+            image = decode_image(record["image"], i, channels, self.limits)
             pixel = record.get("pixel_size_nm")
             pixel = float(pixel) if pixel is not None and math.isfinite(float(pixel)) and pixel > 0 else None
             prob = predict_probability(self.model, image, *self.tile)
@@ -162,10 +233,12 @@ class RecognitionModel(mlflow.pyfunc.PythonModel):
 
         self.recognizer = Recognizer.load(context.artifacts[RECOGNIZER_ARTIFACT])
         self.default_crops = int(self.recognizer.meta["params"]["predict_crops"])
+        self.limits = serving_limits()
 
     def predict(self, context, model_input, params=None):
         frame = pd.DataFrame(model_input) if isinstance(model_input, dict | list) else model_input
-        n_crops = int((params or {}).get("n_crops") or self.default_crops)
+        value = (params or {}).get("n_crops")
+        n_crops = self.default_crops if value is None else int(value)  # n_crops=0 is refused, not defaulted
         if not 1 <= n_crops <= 100_000:
             raise _bad_input(f"n_crops = {n_crops}: expected 1..100000")
         missing = {"image", "px_per_um"} - set(getattr(frame, "columns", []))
@@ -173,9 +246,10 @@ class RecognitionModel(mlflow.pyfunc.PythonModel):
             raise _bad_input(
                 f"input: missing column(s) {sorted(missing)}; expected 'image' (base64) and 'px_per_um'"
             )
+        check_rows(frame, self.limits)
         rows = []
         for i, (text, m) in enumerate(zip(frame["image"], frame["px_per_um"], strict=True)):
-            img = decode_image(text, i, "grey", DEFAULT_MAX_PIXELS)
+            img = decode_image(text, i, "grey", self.limits)
             try:
                 pred = self.recognizer.predict(img, m, n_crops=n_crops, what=f"row {i}: image")
             except GrainlabError as exc:
