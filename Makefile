@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 GL     := $(BIN)/grainlab
 
-.PHONY: run test test-slow lint format setup data preview ui serve serve-recognizer bench clean
+.PHONY: run test test-slow test-load lint format setup data preview ui serve serve-recognizer bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# Both REST servers under 500 mixed requests each from 16 clients; prints p50/p99 and throughput.
+test-load: setup
+	$(BIN)/python -m pytest -m load
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
