@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds per figure (best is kept)")
     g = ap.add_argument_group("synth")
-    g.add_argument("--synth-regions", type=int, default=6, help="regions per recipe (0: all, as configured)")
+    g.add_argument("--synth-regions", type=int, default=4, help="regions per recipe (0: all, as configured)")
     g.add_argument("--synth-px", type=int, default=None, help="image side (default: the profile's)")
     g = ap.add_argument_group("train (and GFLOP/s)")
     g.add_argument(
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"[{f.section}] {f.name}: {fmt(f.value)} {f.unit}{ratio}", flush=True)
 
     if "synth" in args.sections:
-        done(synth.synth_figures(demo, "demo", args.synth_regions or None, args.synth_px))
+        done(synth.synth_figures(demo, "demo", args.synth_regions or None, args.synth_px, args.repeats))
     if "train" in args.sections:
         for profile in args.profiles:
             params = load_params(args.params, profile=profile)
@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
                     args.ref_images,
                     args.batch,
                     args.matmul_n,
+                    args.repeats,
                 )
             )
     if "infer" in args.sections:

@@ -13,7 +13,6 @@ without inference_mode or no_grad.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, sync
+from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
-from grainlab.boundaries.infer import LoadedModel, predict_probability
+from grainlab.boundaries.infer import predict_probability
 from grainlab.boundaries.losses import make_loss
 from grainlab.boundaries.train import train_epoch
 from grainlab.boundaries.unet import UNetArgs, build_unet
@@ -74,6 +73,7 @@ def train_figures(
     ref_images: int,
     batch: int | None,
     matmul_n: int = 2048,
+    repeats: int = 2,
 ) -> list[Figure]:
     """Images/s of grainlab's training loop and of the plain loop; GFLOP/s against a matmul."""
     cfg = params.boundaries
@@ -99,30 +99,21 @@ def train_figures(
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(params.seed),
     )
-    warm = DataLoader(dataset, batch_size=batch, sampler=CropSampler(len(samples), batch, 1))
-    train_epoch(net, warm, loss_fn, opt, device, 0)
-    sync(device)
-    with GpuUtilisation(device) as gpu:
-        start = time.perf_counter()
-        train_epoch(net, loader, loss_fn, opt, device, 1)
-        sync(device)
-        fast = batch * steps / (time.perf_counter() - start)
-
     torch.manual_seed(params.seed)
     ref_net = build_unet(args).to(device).train()
     ref_opt = torch.optim.Adam(ref_net.parameters(), lr=cfg.lr)
-    plain = DataLoader(
-        dataset, batch_size=1, sampler=CropSampler(len(samples), ref_images + 1, 2), num_workers=0
-    )
-    it = iter(plain)
-    x, y = next(it)
-    _plain_step(ref_net, ref_opt, x.to(device), y.to(device))  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for x, y in it:
-        _plain_step(ref_net, ref_opt, x.to(device), y.to(device))
-    sync(device)
-    ref = ref_images / (time.perf_counter() - start)
+    plain = DataLoader(dataset, batch_size=1, sampler=CropSampler(len(samples), ref_images, 2), num_workers=0)
+
+    def grainlab_epoch():
+        train_epoch(net, loader, loss_fn, opt, device, 1)
+
+    def plain_loop():
+        for x, y in plain:
+            _plain_step(ref_net, ref_opt, x.to(device), y.to(device))
+
+    with GpuUtilisation(device) as gpu:  # interleaved rounds, best of each (see best_times)
+        t_fast, t_ref = best_times([grainlab_epoch, plain_loop], repeats, device)
+    fast, ref = batch * steps / t_fast, ref_images / t_ref
 
     # FLOPs of one training step (forward + backward) per image, counted on the CPU copy
     counter = FlopCounterMode(display=False)
@@ -146,7 +137,13 @@ def train_figures(
             fast,
             ref,
             f"{where}; grainlab {detail}; reference batch 1, DataLoader(num_workers=0), fp32",
-            {"batch": batch, "steps": steps, "reference_images": ref_images, "workers": cfg.workers},
+            {
+                "batch": batch,
+                "steps": steps,
+                "reference_images": ref_images,
+                "workers": cfg.workers,
+                "rounds": repeats,
+            },
         ),
         Figure(
             "flops",
@@ -203,14 +200,6 @@ def plain_tiles(
             t = torch.from_numpy(np.ascontiguousarray(padded[None, :, y : y + tile, x : x + tile])).to(device)
             out[y : y + tile, x : x + tile] = torch.sigmoid(net(t))[0, 0].detach().cpu().numpy()
     return out[:h, :w]
-
-
-def inference_model(args: UNetArgs, device: torch.device, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    net = build_unet(args).eval().to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    return LoadedModel(net, device, {}, 0)
 
 
 def infer_figure(

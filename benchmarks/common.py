@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from grainlab.boundaries.infer import LoadedModel
+from grainlab.boundaries.unet import UNetArgs, build_unet
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,10 +50,13 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def best_times(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
+def best_times(
+    fns: list[Callable[[], object]], repeats: int, device: torch.device, warmup: bool = True
+) -> list[float]:
     """Best wall time of each function over `repeats` rounds, the functions interleaved within a
-    round so that a change in machine load hits them alike. Each runs once untimed first."""
-    for fn in fns:
+    round so that a change in machine load hits them alike. Each runs once untimed first
+    (first-call costs: kernel selection, allocations, worker start-up) unless warmup=False."""
+    for fn in fns if warmup else []:
         fn()
     sync(device)
     best = [float("inf")] * len(fns)
@@ -131,3 +137,12 @@ class GpuUtilisation:
     @property
     def mean(self) -> float | None:
         return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def inference_model(args: UNetArgs, device: torch.device, seed: int = 0) -> LoadedModel:
+    """A freshly initialised U-Net ready for inference (speed does not depend on the weights)."""
+    torch.manual_seed(seed)
+    net = build_unet(args).eval().to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return LoadedModel(net, device, {}, 0)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, Figure
+from benchmarks.common import ROOT, Figure, inference_model
 
 
 def _rss_mib() -> float:
@@ -32,7 +32,6 @@ def _peak_rss_mib() -> float:
 
 def measure(params_path: str, profile: str, size: int, device_name: str) -> dict:
     """In this process: predict one size x size grey image, return the memory figures."""
-    from benchmarks.boundaries import inference_model
     from grainlab.boundaries.infer import predict_probability
     from grainlab.boundaries.unet import UNetArgs
     from grainlab.config import load_params, to_dict

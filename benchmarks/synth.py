@@ -5,12 +5,15 @@ the other) over the same recipes, regions and seeds."""
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import Figure
+import torch
+
+from benchmarks.common import Figure, best_times
 from grainlab.config import Params, apply_overrides
 from grainlab.datasets.recipes import build_tem_datasets
+
+CPU = torch.device("cpu")
 
 
 def scaled(params: Params, regions: int | None, image_px: int | None) -> Params:
@@ -26,16 +29,20 @@ def scaled(params: Params, regions: int | None, image_px: int | None) -> Params:
     return apply_overrides(params, over, "benchmark") if over else params
 
 
-def synth_figures(params: Params, profile: str, regions: int | None, image_px: int | None) -> list[Figure]:
+def synth_figures(
+    params: Params, profile: str, regions: int | None, image_px: int | None, repeats: int = 1
+) -> list[Figure]:
     params = scaled(params, regions, image_px)
     workers = params.data.workers
-    rates = {}
-    for label, n in (("grainlab", workers), ("reference", 1)):
+    counts = {}
+
+    def build(n: int):
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            counts = build_tem_datasets(params, Path(tmp), workers=n, progress=False)
-            rates[label] = sum(counts.values()) / (time.perf_counter() - start)
+            counts.update(build_tem_datasets(params, Path(tmp), workers=n, progress=False))
+
+    t_fast, t_ref = best_times([lambda: build(workers), lambda: build(1)], repeats, CPU, warmup=False)
     pairs = sum(counts.values())
+    rates = {"grainlab": pairs / t_fast, "reference": pairs / t_ref}
     return [
         Figure(
             "synth",
@@ -44,7 +51,8 @@ def synth_figures(params: Params, profile: str, regions: int | None, image_px: i
             rates["grainlab"],
             rates["reference"],
             f"{profile}: {pairs} pairs ({len(counts)} datasets, {params.tem.image_px} px, written as "
-            f"{params.data.image_format}); grainlab {workers} worker processes; reference serial, one process",
+            f"{params.data.image_format}); grainlab {workers} worker processes; reference serial, one process; "
+            f"best of {repeats} interleaved rounds",
             {"pairs": pairs, "workers": workers, "image_px": params.tem.image_px},
         )
     ]
