@@ -171,7 +171,7 @@ def run_network(model: LoadedModel, batch: torch.Tensor, net: nn.Module | None =
 
 
 def predict_probability(
-    model: LoadedModel, image: np.ndarray, tile: int = 256, overlap: float = 0.25, batch_size: int = 8
+    model: LoadedModel, image: np.ndarray, tile: int = 512, overlap: float = 0.125, batch_size: int = 8
 ) -> np.ndarray:
     """Boundary probability (H, W) float32 in [0, 1] for a float image of any size."""
     out = predict_logits(model, image, tile, overlap, batch_size)
@@ -192,7 +192,7 @@ def _row_chunks(array: np.ndarray, pixels: int = 1 << 20):
 
 
 def predict_logits(
-    model: LoadedModel, image: np.ndarray, tile: int = 256, overlap: float = 0.25, batch_size: int = 8
+    model: LoadedModel, image: np.ndarray, tile: int = 512, overlap: float = 0.125, batch_size: int = 8
 ) -> np.ndarray:
     """Boundary logits (H, W) float32 for a float image of any size, tiles blended in logit space.
 
