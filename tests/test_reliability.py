@@ -10,6 +10,7 @@ not allowed they skip, and in-process tests that make the writer fail with ENOSP
 import errno
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from grainlab.boundaries.infer import read_checkpoint
 from grainlab.boundaries.train import train_boundaries
@@ -412,3 +414,238 @@ def test_chmod_read_only_output_folder(tmp_path, capsys):
         assert list(out.iterdir()) == []
     finally:
         out.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- bad input through the CLI
+
+
+def _save_untrained_checkpoint(path: Path, in_channels: int = 1) -> Path:
+    """A boundary checkpoint of an untrained tiny U-Net: enough to run `boundaries trace`."""
+    from grainlab.boundaries.train import save_checkpoint
+    from grainlab.boundaries.unet import UNetArgs, build_unet
+
+    torch.manual_seed(0)
+    args = UNetArgs(in_channels=in_channels, base_channels=4, depth=2)
+    net = build_unet(args)
+    save_checkpoint(path, {"model_args": args.to_dict(), "model": net.state_dict(), "params": {}, "epoch": 0})
+    return path
+
+
+def _grey_picture(h=40, w=70) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return ((np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) * 127.5).round().astype(np.uint8)
+
+
+def _same_picture_in_other_formats(folder: Path, grey8: np.ndarray) -> dict[str, Path]:
+    """The same picture as an 8-bit PNG, a 16-bit PNG and a float32 TIFF in [0, 1]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"8-bit": folder / "p8.png", "16-bit": folder / "p16.png", "float": folder / "pf.tif"}
+    Image.fromarray(grey8).save(paths["8-bit"])
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(paths["16-bit"])
+    Image.fromarray(grey8.astype(np.float32) / 255).save(paths["float"])
+    assert Image.open(paths["16-bit"]).mode.startswith("I;16") and Image.open(paths["float"]).mode == "F"
+    return paths
+
+
+def test_trace_normalises_16_bit_and_float_images_and_refuses_out_of_range_floats(project, capsys):
+    ckpt = _save_untrained_checkpoint(project / "m.pt")
+    paths = _same_picture_in_other_formats(project / "in", _grey_picture())
+    small = project / "in" / "small.png"  # smaller than one 64 px tile
+    Image.fromarray(_grey_picture(9, 13)).save(small)
+    tile = ["--set", "boundaries.tile_px=64"]
+    assert (
+        main(
+            [
+                "boundaries",
+                "trace",
+                *map(str, paths.values()),
+                str(small),
+                "--model",
+                str(ckpt),
+                "--out",
+                "t",
+                *tile,
+            ]
+        )
+        == 0
+    )
+    probs = {k: np.asarray(Image.open(project / "t" / f"{p.stem}-probability.png")) for k, p in paths.items()}
+    assert np.array_equal(probs["8-bit"], probs["16-bit"]) and np.array_equal(probs["8-bit"], probs["float"])
+    assert np.asarray(Image.open(project / "t" / "small-tracing.png")).shape == (9, 13)
+    capsys.readouterr()
+
+    Image.fromarray(np.full((8, 8), 300.0, np.float32)).save(project / "in" / "hot.tif")
+    code = main(
+        ["boundaries", "trace", str(project / "in" / "hot.tif"), "--model", str(ckpt), "--out", "t2", *tile]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{project / 'in' / 'hot.tif'}: float pixel values span 300..300; expected values in [0, 1]" in err
+    assert not (project / "t2").exists()
+
+
+def test_import_normalises_16_bit_and_float_micrographs(tmp_path):
+    from grainlab.datasets.importer import import_dataset
+
+    grey8 = _grey_picture()
+    mask = np.zeros(grey8.shape, np.uint8)
+    mask[20, :] = 255
+    stored = {}
+    for kind, path in _same_picture_in_other_formats(tmp_path / "pictures", grey8).items():
+        src = tmp_path / "src" / kind
+        (src / "images").mkdir(parents=True)
+        (src / "masks").mkdir()
+        shutil.copy(path, src / "images" / f"a-1{path.suffix}")
+        Image.fromarray(mask).save(src / "masks" / "a-1.png")
+        import_dataset(src, tmp_path / "out", kind.replace("-", ""))
+        stored[kind] = np.asarray(Image.open(tmp_path / "out" / kind.replace("-", "") / "images" / "a-1.png"))
+    assert np.array_equal(stored["8-bit"], grey8)
+    assert np.array_equal(stored["16-bit"], grey8) and np.array_equal(stored["float"], grey8)
+
+
+@pytest.mark.parametrize("name", ["../evil", "../../etc", "a/../../b"])
+def test_import_name_with_dot_dot_through_the_cli(tmp_path, capsys, name):
+    from test_import import make_source
+
+    src = make_source(tmp_path / "src")
+    out = tmp_path / "project" / "data"
+    before = sorted(tmp_path.rglob("*"))
+    code = main(
+        ["data", "import", str(src), "--name", name, "--out", str(out), "--params", str(ROOT / "params.yaml")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"dataset name {name!r} is not a plain folder name" in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+@pytest.fixture(scope="module")
+def recognizer_dir(tmp_path_factory):
+    """A tiny recognizer trained through the CLI (one short epoch) on a tiny library."""
+    from grainlab.datasets.microstructures import build_library
+    from test_recognition_cli import TINY as MICRO
+
+    root = tmp_path_factory.mktemp("classify")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    (root / "params.yaml").write_text("profile: demo\n")
+    build_library(MICRO, root / "library", seed=0, workers=1)
+    assert main(["recognition", "train", "--data", "library", "--out", "models", *sets(*REC_FAST)]) == 0
+    yield root / "models" / "quiz1"
+    mp.undo()
+
+
+def test_classify_normalises_16_bit_and_float_and_refuses_images_smaller_than_a_crop(recognizer_dir, capsys):
+    root = recognizer_dir.parent.parent
+    library_image = sorted((root / "library" / "quiz1" / "quiz").glob("*.png"))[0]
+    grey8 = np.asarray(Image.open(library_image).convert("L"))
+    printed = {}
+    for kind, path in _same_picture_in_other_formats(root / "odd", grey8).items():
+        argv = ["recognition", "classify", str(path), "--px-per-um", "20", "--model", str(recognizer_dir)]
+        assert (
+            main([*argv, "--crops", "30", "--out", str(root / "sal" / f"{kind}.png"), *sets(*REC_FAST)]) == 0
+        )
+        printed[kind] = capsys.readouterr().out.split("wrote")[0]
+    assert "answer:" in printed["8-bit"]
+    assert printed["16-bit"] == printed["8-bit"] and printed["float"] == printed["8-bit"]
+    for size in ((1, 1), (20, 40)):
+        path = root / "odd" / f"small-{size[0]}x{size[1]}.png"
+        Image.fromarray(np.zeros(size, np.uint8)).save(path)
+        argv = ["recognition", "classify", str(path), "--px-per-um", "20", "--model", str(recognizer_dir)]
+        assert main([*argv, *sets(*REC_FAST)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {size[1]}x{size[0]} pixels is smaller than the smallest crop (32 px" in err
+        assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- security defaults
+
+SERVER_PROGRAMS = (
+    "mlflow ui",
+    "mlflow server",
+    "mlflow models serve",
+    "optuna-dashboard",
+    "uvicorn",
+    "gunicorn",
+)
+
+
+def test_every_server_the_makefile_starts_binds_to_loopback_unless_asked():
+    text = (ROOT / "Makefile").read_text()
+    assert re.search(r"^HOST \?= 127\.0\.0\.1$", text, re.M)
+    recipes = [line for line in text.splitlines() if line.startswith("\t")]
+    server_lines = [line for line in recipes if any(p in line for p in SERVER_PROGRAMS)]
+    assert len(server_lines) >= 3  # the MLflow UI and both model servers
+    for line in server_lines:
+        assert "--host $(HOST)" in line, line
+    dry = subprocess.run(
+        ["make", "-n", "-s", "ui", "serve", "serve-recognizer"], cwd=ROOT, capture_output=True, text=True
+    )
+    servers = [line for line in dry.stdout.splitlines() if any(p in line for p in SERVER_PROGRAMS)]
+    assert len(servers) == 3 and all("--host 127.0.0.1 " in line for line in servers), dry.stdout
+    exposed = subprocess.run(
+        ["make", "-n", "-s", "ui", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "--host 0.0.0.0 " in exposed.stdout  # only when the user asks for it
+    for path in [ROOT / "dvc.yaml", ROOT / "README.md", *sorted((ROOT / "src").rglob("*.py"))]:
+        assert "0.0.0.0" not in path.read_text(), path
+
+
+def test_no_credentials_in_params_yaml():
+    import yaml
+
+    text = (ROOT / "params.yaml").read_text()
+    assert not re.search(r"://[^/\s:@]+:[^@\s]+@", text), "a URL with a password in params.yaml"
+
+    def keys(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield f"{prefix}{k}", v
+                yield from keys(v, f"{prefix}{k}.")
+
+    secret = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.I)
+    found = [(k, v) for k, v in keys(yaml.safe_load(text)) if secret.search(k.split(".")[-1]) and v]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://alice:s3cret@db.example:5432/optuna", "postgresql://alice:***@db.example:5432/optuna"),
+        ("postgresql+psycopg://bob:p%40ss@127.0.0.1/db", "postgresql+psycopg://bob:***@127.0.0.1/db"),
+        ("https://carol:tok-123@mlflow.example/", "https://carol:***@mlflow.example/"),
+        ("postgresql://dave@127.0.0.1:5432/db", "postgresql://dave@127.0.0.1:5432/db"),  # no password
+        ("sqlite:////work/mlflow.db", "sqlite:////work/mlflow.db"),
+    ],
+)
+def test_mask_url_hides_passwords(url, shown):
+    from grainlab.tracking import mask_url
+
+    assert mask_url(url) == shown
+
+
+def test_cli_errors_print_the_tracking_url_masked(project, monkeypatch, capsys):
+    """MLflow's own error quotes the tracking URL in full; the CLI's error line must not."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:hunter2@127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    Image.fromarray(_grey_picture()).save(project / "p.png")
+    code = main(["boundaries", "trace", "p.png", "--model", "runs:/0123456789abcdef/model", "--out", "t"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "hunter2" not in err and "user:***@127.0.0.1:1" in err
+
+
+def test_model_files_load_with_weights_only():
+    calls = [
+        (path, line)
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if "torch.load(" in line and not line.lstrip().startswith("#") and '"""' not in line
+    ]
+    assert calls and all("weights_only=True" in line for _, line in calls), calls
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        assert not re.search(
+            r"^\s*(import pickle|from pickle|import dill|import joblib)", path.read_text(), re.M
+        ), path

@@ -2,7 +2,8 @@
 
 Thin by design: parse the arguments, load params.yaml, call the library, write outputs.
 Each area registers its verbs in its own `commands.py`. A GrainlabError (or an OS error
-such as a full disk) prints one line naming the problem and exits with status 2.
+such as a full disk) prints one line naming the problem and exits with status 2; a password
+in a URL it quotes is masked.
 """
 
 from __future__ import annotations
@@ -56,18 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str):
+    """Print one error line; a password in any URL it quotes (e.g. from MLflow's own message) is masked."""
+    from grainlab.tracking import mask_url
+
+    print(f"grainlab: error: {mask_url(message)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except GrainlabError as exc:
-        print(f"grainlab: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOENT):
             where = f"{exc.filename}: " if exc.filename else ""
-            print(f"grainlab: error: {where}{exc.strerror}", file=sys.stderr)
+            _error(f"{where}{exc.strerror}")
             return 2
         raise
     except KeyboardInterrupt:
