@@ -40,6 +40,17 @@ def sets(*overrides):
     return [x for kv in overrides for x in ("--set", kv)]
 
 
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory):
+    """A tiny steel micrograph library (for the recognition commands), built once per module."""
+    from grainlab.datasets.microstructures import build_library
+    from test_recognition_cli import TINY as MICRO
+
+    root = tmp_path_factory.mktemp("library")
+    build_library(MICRO, root, seed=0, workers=1)
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, tracking_uri):
     """A project folder with the toy boundary dataset and a demo params.yaml."""
@@ -67,11 +78,8 @@ def _train_cmd(out: str):
     return [str(GRAINLAB), "boundaries", "train", "--dataset", "toy", "--loss", "bce", "--out", out]
 
 
-def _metric_history(run_id: str) -> dict:
+def _metric_history(client, run_id: str) -> dict:
     """{metric: {step: value}} of a run's model metrics (no timings, no system metrics)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
     out = {}
     for key in client.get_run(run_id).data.metrics:
         if key.startswith(("time/", "system/")):
@@ -89,8 +97,16 @@ def _without_timings(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project):
-    import mlflow
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project, tracking_uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)  # the store the subprocesses write to
+
+    def runs_so_far():
+        exp = client.get_experiment_by_name("grain-boundaries")
+        return 0 if exp is None else len(client.search_runs([exp.experiment_id]))
+
+    runs_before = runs_so_far()
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ckpt = project / "killed" / "toy-bce" / "checkpoints" / "last.pt"
@@ -116,7 +132,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project):
     assert 1 <= state["epoch"] < 3 and len(state["history"]) == state["epoch"]
     assert not (ckpt.parent.parent / "metrics.json").exists()
     run_id = state["run_id"]
-    assert mlflow.get_run(run_id).info.status == "RUNNING"  # nobody ended it: the process died
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody ended it: the process died
 
     resumed = subprocess.run(
         [*_train_cmd("killed"), "--resume", *sets(*KILL_RUN)],
@@ -128,9 +144,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project):
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "epoch 3, val/loss" in resumed.stdout and run_id in resumed.stdout
-    run = mlflow.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert mlflow.search_runs(experiment_names=["grain-boundaries"]).shape[0] == 1  # no second run
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert runs_so_far() == runs_before + 1  # resumed in the same run, no second one
 
     # The same run uninterrupted, with the same params.yaml and overrides as the CLI's.
     train_boundaries(
@@ -145,7 +160,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project):
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_b for k in opt_b[i])
     # exactly equal, NaN (an undefined metric of an empty tracing) matching NaN
     np.testing.assert_equal(_without_timings(done["history"]), _without_timings(full["history"]))
-    np.testing.assert_equal(_metric_history(run_id), _metric_history(full["run_id"]))
+    np.testing.assert_equal(_metric_history(client, run_id), _metric_history(client, full["run_id"]))
     np.testing.assert_equal(
         json.loads((ckpt.parent.parent / "metrics.json").read_text()),
         json.loads((project / "full" / "toy-bce" / "metrics.json").read_text()),
@@ -239,7 +254,9 @@ FS_KINDS = {"full": "No space left on device", "read-only": "Read-only file syst
 FS_COMMANDS = ("data synth", "data import", "boundaries train", "recognition train")
 
 
-def _fs_case(kind: str, command: str, mount: Path, project: Path) -> tuple[list[str], dict, str]:
+def _fs_case(
+    kind: str, command: str, mount: Path, project: Path, library: Path
+) -> tuple[list[str], dict, str]:
     """(argv, files already on the mount, the output path the error must name)."""
     if command == "data synth":
         seed = {"data/microstructures/manifest.json": '{"old": true}\n'}
@@ -257,35 +274,39 @@ def _fs_case(kind: str, command: str, mount: Path, project: Path) -> tuple[list[
         named = mount / "toy-bce" / "checkpoints"
     else:
         seed = {}
-        library = str(project / "library")
-        argv = ["recognition", "train", "--data", library, "--out", str(mount / "models"), *sets(*REC_FAST)]
+        argv = [
+            "recognition",
+            "train",
+            "--data",
+            str(library),
+            "--out",
+            str(mount / "models"),
+            *sets(*REC_FAST),
+        ]
         named = mount / "models"
     return argv, seed, str(named)
 
 
 @pytest.fixture(scope="module")
-def fs_faults(tmp_path_factory):
+def fs_faults(tmp_path_factory, tiny_library):
     """Every (fault, command) case run once, in one process inside a private mount namespace:
     a 64 KiB tmpfs (8 KiB for the model outputs) for "full", a tmpfs remounted read-only for
     "read-only". Each mount starts with an old version of the output where there is one."""
     if UNSHARE is None:
         pytest.skip("cannot mount a tmpfs in a private mount namespace here")
-    from grainlab.datasets.microstructures import build_library
     from test_import import make_source
-    from test_recognition_cli import TINY as MICRO
 
     project = tmp_path_factory.mktemp("faults")
     write_data_root(project / "data")
     (project / "params.yaml").write_text("profile: demo\n")
     make_source(project / "src", size=(128, 128))  # ~50 KB per noise image: 64 KiB fill up mid-import
-    build_library(MICRO, project / "library", seed=0, workers=1)
     script, cases, seeds, expected = ["set -e"], [], {}, {}
     for kind in FS_KINDS:
         for command in FS_COMMANDS:
             name = f"{kind}/{command}"
             mount = project / "mnt" / kind.replace("-", "") / command.replace(" ", "-")
             mount.mkdir(parents=True)
-            argv, seed, named = _fs_case(kind, command, mount, project)
+            argv, seed, named = _fs_case(kind, command, mount, project, tiny_library)
             seed_dir = project / "seed" / kind / command.replace(" ", "-")
             for rel, text in seed.items():
                 (seed_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -520,25 +541,25 @@ def test_import_name_with_dot_dot_through_the_cli(tmp_path, capsys, name):
 
 
 @pytest.fixture(scope="module")
-def recognizer_dir(tmp_path_factory):
-    """A tiny recognizer trained through the CLI (one short epoch) on a tiny library."""
-    from grainlab.datasets.microstructures import build_library
-    from test_recognition_cli import TINY as MICRO
-
+def recognizer_dir(tmp_path_factory, tiny_library):
+    """A tiny recognizer trained through the CLI (one short epoch) on the tiny library."""
     root = tmp_path_factory.mktemp("classify")
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     (root / "params.yaml").write_text("profile: demo\n")
-    build_library(MICRO, root / "library", seed=0, workers=1)
-    assert main(["recognition", "train", "--data", "library", "--out", "models", *sets(*REC_FAST)]) == 0
+    assert (
+        main(["recognition", "train", "--data", str(tiny_library), "--out", "models", *sets(*REC_FAST)]) == 0
+    )
     yield root / "models" / "quiz1"
     mp.undo()
 
 
-def test_classify_normalises_16_bit_and_float_and_refuses_images_smaller_than_a_crop(recognizer_dir, capsys):
+def test_classify_normalises_16_bit_and_float_and_refuses_images_smaller_than_a_crop(
+    recognizer_dir, tiny_library, capsys
+):
     root = recognizer_dir.parent.parent
-    library_image = sorted((root / "library" / "quiz1" / "quiz").glob("*.png"))[0]
+    library_image = sorted((tiny_library / "quiz1" / "quiz").glob("*.png"))[0]
     grey8 = np.asarray(Image.open(library_image).convert("L"))
     printed = {}
     for kind, path in _same_picture_in_other_formats(root / "odd", grey8).items():
@@ -630,8 +651,14 @@ def test_cli_errors_print_the_tracking_url_masked(project, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:hunter2@127.0.0.1:1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    import mlflow
+
     Image.fromarray(_grey_picture()).save(project / "p.png")
-    code = main(["boundaries", "trace", "p.png", "--model", "runs:/0123456789abcdef/model", "--out", "t"])
+    previous = mlflow.get_tracking_uri()
+    try:
+        code = main(["boundaries", "trace", "p.png", "--model", "runs:/0123456789abcdef/model", "--out", "t"])
+    finally:
+        mlflow.set_tracking_uri(previous)  # the CLI set mlflow's global URI to the unreachable server
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "hunter2" not in err and "user:***@127.0.0.1:1" in err
