@@ -9,6 +9,7 @@ from PIL import Image
 
 from grainlab.images import (
     ImageError,
+    OutputError,
     atomic_path,
     read_image,
     read_labels,
@@ -145,3 +146,70 @@ def test_decoding_fuzz_raises_only_image_errors(tmp_path, data, prefix):
     except ImageError:
         return
     assert img.dtype == np.float32 and np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+
+
+def _enospc():
+    import errno
+    import os
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_in_atomic_path_names_the_output_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(OutputError) as err, atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise _enospc()
+    assert str(err.value).startswith(f"{target}: cannot write (No space left on device)")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with pytest.raises(PermissionError), atomic_path(target):  # e.g. reading an input: not a write error
+        raise PermissionError(13, "Permission denied", "some-input.png")
+
+
+def test_full_disk_in_staged_dir_names_the_folder_not_the_temporary_one(tmp_path):
+    target = tmp_path / "ds"
+    target.mkdir()
+    (target / "keep.txt").write_text("v1")
+    with pytest.raises(OutputError) as err, staged_dir(target) as tmp:
+        write_image(tmp / "images" / "a.png", np.zeros((4, 4)))
+        with atomic_path(tmp / "images" / "b.png"):
+            raise _enospc()
+    assert err.value.path == target and ".tmp" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"] and [p.name for p in target.iterdir()] == [
+        "keep.txt"
+    ]
+
+
+def test_staged_dir_puts_the_old_folder_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    target = tmp_path / "ds"
+    target.mkdir()
+    (target / "keep.txt").write_text("v1")
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        if self.name.endswith(".tmp"):  # the new folder onto the target
+            raise OSError(18, "Invalid cross-device link")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"), staged_dir(target) as tmp:
+        (tmp / "new.txt").write_text("v2")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"] and [p.name for p in target.iterdir()] == [
+        "keep.txt"
+    ]
+
+
+def test_ensure_writable(tmp_path):
+    from grainlab.images import ensure_writable
+
+    assert (
+        ensure_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+        and list((tmp_path / "a" / "b").iterdir()) == []
+    )
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError):  # not a write-permission problem: passed on as is
+        ensure_writable(tmp_path / "file")
