@@ -11,10 +11,11 @@ from grainlab.config import MicroConfig
 from grainlab.datasets.microstructures import build_library, load_manifest, plan_library, write_preview
 from grainlab.errors import GrainlabError
 from grainlab.recognition.crops import check_px_per_um, check_size, crop_magnification, extract, sample_boxes
-from grainlab.recognition.evaluate import oscr
+from grainlab.recognition.evaluate import QuizResult, oscr, quiz_metrics
 from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
 from grainlab.recognition.openset import OpenSetGMM, fit_gmm
-from grainlab.recognition.predict import saliency_map, saliency_overlay
+from grainlab.recognition.predict import Prediction, saliency_map, saliency_overlay
+from grainlab.recognition.train import LabelledImages
 from grainlab.synth import micro
 
 TINY = MicroConfig(
@@ -114,7 +115,7 @@ def _blobs():
 def test_open_set_gmm_answers_none_far_from_every_class(tmp_path):
     z, y = _blobs()
     gmm = fit_gmm(z, y, ["a", "b"], n_components=2, percentile=1.0)
-    p = gmm.probabilities(np.array([[0.0, 0.0], [5.0, 0.0], [2.5, 8.0]]))
+    p = gmm.probabilities(gmm.log_likelihood(np.array([[0.0, 0.0], [5.0, 0.0], [2.5, 8.0]])))
     assert np.allclose(p.sum(axis=1), 1)
     assert p[0].argmax() == 0 and p[1].argmax() == 1 and p[2, -1] == 1.0
     assert gmm.labels == ["a", "b", "none"]
@@ -160,3 +161,34 @@ def test_oscr_is_one_for_a_perfect_open_set_classifier_and_lower_otherwise():
     assert oscr(np.array([True, True]), np.array([0.9, 0.8]), np.array([0.1, 0.2])) == pytest.approx(1.0)
     worse = oscr(np.array([True, False]), np.array([0.9, 0.8]), np.array([0.85, 0.2]))
     assert 0 < worse < 1 and not math.isnan(worse)
+
+
+def test_open_set_auroc_ranks_images_by_typicality_and_p_none_is_reported_beside_it():
+    labels = ["a", "b", "none"]
+    truths = ["a", "b", "none", "none"]
+    # The unknown images are the least typical, but one known image has more crops under the threshold.
+    p_none = [0.6, 0.1, 0.3, 0.5]
+    typicality = [-2.0, -1.0, -9.0, -7.0]
+    preds = [
+        Prediction(
+            labels,
+            np.array([(1 - n) if i == 0 else 0.0, (1 - n) if i == 1 else 0.0, n]),
+            False,
+            np.zeros((1, 3), int),
+            np.zeros((1, 3)),
+            t,
+        )
+        for i, (n, t) in enumerate(zip(p_none, typicality, strict=True))
+    ]
+    entries = [
+        {"file": f"{i}.png", "answer": t, "class": t, "px_per_um": 5.0, "style": "sem"}
+        for i, t in enumerate(truths)
+    ]
+    quiz = LabelledImages(
+        [np.zeros((4, 4))] * 4, np.full(4, 5.0), np.array([0, 1, -1, -1]), ["a", "b"], entries
+    )
+    m = quiz_metrics(QuizResult("t", labels, quiz, preds))
+    assert m["open_set_auroc"] == pytest.approx(1.0)
+    assert m["open_set_auroc_p_none"] == pytest.approx(0.5)
+    assert m["oscr"] == pytest.approx(1.0)
+    assert preds[2].as_dict()["typicality"] == -9.0

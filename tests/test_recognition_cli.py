@@ -116,6 +116,7 @@ def test_evaluate_reports_quiz_metrics_and_figures(trained):
         "quiz1/quiz_accuracy",
         "quiz1/closed_accuracy",
         "quiz1/open_set_auroc",
+        "quiz1/open_set_auroc_p_none",
         "quiz1/oscr",
         "quiz1-nomag/quiz_accuracy",
     ):

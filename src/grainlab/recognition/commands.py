@@ -160,6 +160,10 @@ def run_classify(args):
     for label, p in sorted(zip(pred.labels, pred.distribution, strict=True), key=lambda t: -t[1]):
         print(f"{label:20s} {p:6.3f}")
     print(f"answer: {pred.answer}")
+    print(
+        f"typicality: {pred.typicality:.2f} (median best-class log-likelihood of the crops; "
+        f"'none' threshold {recognizer.gmm.threshold:.2f})"
+    )
     if pred.extrapolating:
         lo, hi = recognizer.px_per_um_range
         print(

@@ -80,9 +80,12 @@ def quiz_metrics(result: QuizResult) -> dict:
         if band.any():
             metrics[f"closed_accuracy_{lo:g}-{hi:g}px_per_um"] = float(np.mean(closed[band]))
     if known.any() and (~known).any():
-        metrics["open_set_auroc"] = float(roc_auc_score(~known, dist[:, -1]))
-        score = dist[:, :-1].max(axis=1)
-        metrics["oscr"] = oscr(closed[known], score[known], score[~known])
+        # The open-set score is the image's typicality: how well its crops fit their best class
+        # mixture. The crop-averaged P(none) thresholds the same likelihoods (coarser); both reported.
+        typical = np.array([p.typicality for p in result.predictions])
+        metrics["open_set_auroc"] = float(roc_auc_score(~known, -typical))
+        metrics["open_set_auroc_p_none"] = float(roc_auc_score(~known, dist[:, -1]))
+        metrics["oscr"] = oscr(closed[known], typical[known], typical[~known])
     return metrics
 
 
@@ -99,7 +102,9 @@ def write_table(result: QuizResult, path: Path) -> None:
     """The per-image probability table (CSV), like the paper's supplementary tables."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "truth", "px_per_um", "style", "answer", "extrapolating", *result.labels])
+        w.writerow(
+            ["file", "truth", "px_per_um", "style", "answer", "extrapolating", "typicality", *result.labels]
+        )
         for e, p in zip(result.quiz.entries, result.predictions, strict=True):
             w.writerow(
                 [
@@ -109,6 +114,7 @@ def write_table(result: QuizResult, path: Path) -> None:
                     e["style"],
                     p.answer,
                     p.extrapolating,
+                    f"{p.typicality:.2f}",
                     *[f"{v:.3f}" for v in p.distribution],
                 ]
             )

@@ -47,10 +47,10 @@ class OpenSetGMM:
             out[:, k] = logsumexp(np.stack(comp), axis=0)
         return out
 
-    def probabilities(self, z: np.ndarray) -> np.ndarray:
-        """(n, classes + 1): class posteriors (equal priors), or all mass on "none" below the threshold."""
-        ll = self.log_likelihood(z)
-        p = np.zeros((len(z), len(self.classes) + 1))
+    def probabilities(self, ll: np.ndarray) -> np.ndarray:
+        """(n, classes) log-likelihoods -> (n, classes + 1): class posteriors (equal priors), or all
+        mass on "none" where the best class log-likelihood is below the threshold."""
+        p = np.zeros((len(ll), len(self.classes) + 1))
         known = ll.max(axis=1) >= self.threshold
         p[known, :-1] = softmax(ll[known], axis=1)
         p[~known, -1] = 1.0

@@ -34,6 +34,7 @@ class Prediction:
     extrapolating: bool
     boxes: np.ndarray
     crop_probabilities: np.ndarray
+    typicality: float  # median over the crops of the best class log-likelihood; low = novel
 
     @property
     def answer(self) -> str:
@@ -44,6 +45,7 @@ class Prediction:
             "answer": self.answer,
             "probabilities": {k: float(p) for k, p in zip(self.labels, self.distribution, strict=True)},
             "extrapolating": self.extrapolating,
+            "typicality": self.typicality,
         }
 
 
@@ -124,13 +126,15 @@ class Recognizer:
         check_size(img.shape, self.crop_min_px, what)
         rng = np.random.default_rng(seed)
         boxes = sample_boxes(rng, img.shape, n_crops, self.crop_min_px, self.crop_max_px)
-        probs = []
+        ll = []
         for i in range(0, n_crops, batch_size):
             b = boxes[i : i + batch_size]
             z = self.descriptors(extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px))
-            probs.append(self.gmm.probabilities(z))
-        probs = np.concatenate(probs)
-        return Prediction(self.gmm.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs)
+            ll.append(self.gmm.log_likelihood(z))
+        ll = np.concatenate(ll)
+        probs = self.gmm.probabilities(ll)
+        typicality = float(np.median(ll.max(axis=1)))
+        return Prediction(self.gmm.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs, typicality)
 
 
 def saliency_map(shape, boxes: np.ndarray, crop_probabilities: np.ndarray) -> np.ndarray:
