@@ -111,8 +111,15 @@ def train_figures(
         for x, y in plain:
             _plain_step(ref_net, ref_opt, x.to(device), y.to(device))
 
+    warm = DataLoader(dataset, batch_size=batch, sampler=CropSampler(len(samples), batch, 1))
+    x0, y0 = dataset[(0, 0)]
+
+    def warm_up():  # one batch each: kernels chosen, optimizer state made (loader workers start in round 1)
+        train_epoch(net, warm, loss_fn, opt, device, 0)
+        _plain_step(ref_net, ref_opt, x0[None].to(device), y0[None].to(device))
+
     with GpuUtilisation(device) as gpu:  # interleaved rounds, best of each (see best_times)
-        t_fast, t_ref = best_times([grainlab_epoch, plain_loop], repeats, device)
+        t_fast, t_ref = best_times([grainlab_epoch, plain_loop], repeats, device, warmup=[warm_up])
     fast, ref = batch * steps / t_fast, ref_images / t_ref
 
     # FLOPs of one training step (forward + backward) per image, counted on the CPU copy

@@ -51,12 +51,16 @@ def sync(device: torch.device):
 
 
 def best_times(
-    fns: list[Callable[[], object]], repeats: int, device: torch.device, warmup: bool = True
+    fns: list[Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    warmup: bool | list[Callable[[], object]] = True,
 ) -> list[float]:
     """Best wall time of each function over `repeats` rounds, the functions interleaved within a
     round so that a change in machine load hits them alike. Each runs once untimed first
-    (first-call costs: kernel selection, allocations, worker start-up) unless warmup=False."""
-    for fn in fns if warmup else []:
+    (first-call costs: kernel selection, allocations, worker start-up) unless warmup=False;
+    a list of functions runs those instead (a shorter warm-up)."""
+    for fn in warmup if isinstance(warmup, list) else fns if warmup else []:
         fn()
     sync(device)
     best = [float("inf")] * len(fns)

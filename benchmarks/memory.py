@@ -1,14 +1,14 @@
 """Tiled inference of one large image in bounded memory: peak RSS (and peak GPU memory on CUDA).
 
 The measurement runs in a child process (`python -m benchmarks.memory ...`), so the peak
-resident set is that of the inference alone, not of whatever the suite did before.
+resident set (the child's own VmHWM) is that of the inference alone, not of whatever the
+suite did before.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -19,15 +19,22 @@ import torch
 from benchmarks.common import ROOT, Figure, inference_model
 
 
-def _rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent through fork and exec, so a child of a big suite process would report the parent's."""
+    return _status_mib("VmHWM")
 
 
 def measure(params_path: str, profile: str, size: int, device_name: str) -> dict:
@@ -78,7 +85,7 @@ def memory_figures(params_path: str, profile: str, size: int, device: torch.devi
     detail = (
         f"{profile} U-Net, {size}x{size} grey float32 image ({r['image_mib']:.0f} MiB) -> probability map "
         f"({r['output_mib']:.0f} MiB); tile {r['tile_px']} px, overlap {r['tile_overlap']}, batch "
-        f"{r['tile_batch']}; child process, ru_maxrss; {r['seconds']:.1f} s = {size * size / 1e6 / r['seconds']:.2f} MP/s"
+        f"{r['tile_batch']}; child process, VmHWM; {r['seconds']:.1f} s = {size * size / 1e6 / r['seconds']:.2f} MP/s"
     )
     figures = [
         Figure(
