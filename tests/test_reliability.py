@@ -97,7 +97,7 @@ def _without_timings(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project, tracking_uri):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project, tracking_uri, capsys):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)  # the store the subprocesses write to
@@ -134,16 +134,11 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(project, trac
     run_id = state["run_id"]
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody ended it: the process died
 
-    resumed = subprocess.run(
-        [*_train_cmd("killed"), "--resume", *sets(*KILL_RUN)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "epoch 3, val/loss" in resumed.stdout and run_id in resumed.stdout
+    # --resume through the CLI's entry point (in this process: one interpreter start less).
+    capsys.readouterr()
+    assert main([*_train_cmd("killed")[1:], "--resume", *sets(*KILL_RUN)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 3, val/loss" in out and run_id in out
     assert client.get_run(run_id).info.status == "FINISHED"
     assert runs_so_far() == runs_before + 1  # resumed in the same run, no second one
 
@@ -288,10 +283,13 @@ def _fs_case(
 
 
 @pytest.fixture(scope="module")
-def fs_faults(tmp_path_factory, tiny_library):
+def fs_faults(tmp_path_factory, tiny_library, tracking_uri):
     """Every (fault, command) case run once, in one process inside a private mount namespace:
     a 64 KiB tmpfs (8 KiB for the model outputs) for "full", a tmpfs remounted read-only for
-    "read-only". Each mount starts with an old version of the output where there is one."""
+    "read-only". Each mount starts with an old version of the output where there is one.
+    Runs go to the module's MLflow store; the boundary runs it held before are noted."""
+    from mlflow import MlflowClient
+
     if UNSHARE is None:
         pytest.skip("cannot mount a tmpfs in a private mount namespace here")
     from test_import import make_source
@@ -327,12 +325,15 @@ def fs_faults(tmp_path_factory, tiny_library):
         f"import test_reliability as t; t._run_commands({str(spec)!r}, {str(result)!r})"
     )
     script.append(f"exec {shlex.quote(sys.executable)} -c {shlex.quote(driver)}")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("grain-boundaries")
+    runs_before = {r.info.run_id for r in client.search_runs([exp.experiment_id])} if exp else set()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     proc = subprocess.run(
         [*UNSHARE, "sh", "-c", "\n".join(script)], cwd=project, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and result.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return project, json.loads(result.read_text()), seeds, expected
+    return runs_before, json.loads(result.read_text()), seeds, expected
 
 
 def _check_fs_case(fs_faults, kind, command):
@@ -369,12 +370,13 @@ def test_recognition_train_onto_a_full_disk(fs_faults):
     _check_fs_case(fs_faults, "full", "recognition train")
 
 
-def test_failed_boundary_run_is_marked_failed_with_the_reason(fs_faults):
-    import mlflow
+def test_failed_boundary_run_is_marked_failed_with_the_reason(fs_faults, tracking_uri):
+    from mlflow import MlflowClient
 
-    project, results, _, _ = fs_faults
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    runs_before = fs_faults[0]
+    client = MlflowClient(tracking_uri=tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("grain-boundaries").experiment_id])
+    runs = [r for r in runs if r.info.run_id not in runs_before]
     # the read-only output folder is refused before any run starts; the full disk fails the run
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "No space left on device" in runs[0].data.tags["failure_reason"]
@@ -609,7 +611,7 @@ def test_every_server_the_makefile_starts_binds_to_loopback_unless_asked():
         ["make", "-n", "-s", "ui", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True
     )
     assert "--host 0.0.0.0 " in exposed.stdout  # only when the user asks for it
-    for path in [ROOT / "dvc.yaml", ROOT / "README.md", *sorted((ROOT / "src").rglob("*.py"))]:
+    for path in [ROOT / "dvc.yaml", *sorted((ROOT / "src").rglob("*.py"))]:  # no server there binds to all
         assert "0.0.0.0" not in path.read_text(), path
 
 
