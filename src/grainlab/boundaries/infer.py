@@ -148,7 +148,10 @@ def inference_network(net: UNet) -> nn.Module:
         return net
     with torch.no_grad():
         state = [*net.parameters(), *net.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.device) for t in state)
+        try:
+            key = tuple((t.data_ptr(), t._version, t.device) for t in state)
+        except RuntimeError:  # weights made in inference mode keep no version counter: no cache
+            return _fold_batchnorm(net).to(memory_format=torch.channels_last)
         cached = _PREPARED.get(net)
         if cached is None or cached[0] != key:
             cached = (key, _fold_batchnorm(net).to(memory_format=torch.channels_last))
