@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model
+from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model, sync
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
 from grainlab.boundaries.infer import predict_probability
 from grainlab.boundaries.losses import make_loss
@@ -118,9 +118,14 @@ def train_figures(
         train_epoch(net, warm, loss_fn, opt, device, 0)
         _plain_step(ref_net, ref_opt, x0[None].to(device), y0[None].to(device))
 
-    with GpuUtilisation(device) as gpu:  # interleaved rounds, best of each (see best_times)
-        t_fast, t_ref = best_times([grainlab_epoch, plain_loop], repeats, device, warmup=[warm_up])
+    # interleaved rounds, best of each (see best_times)
+    t_fast, t_ref = best_times([grainlab_epoch, plain_loop], repeats, device, warmup=[warm_up])
     fast, ref = batch * steps / t_fast, ref_images / t_ref
+    if device.type == "cuda":  # one more epoch alone: GPU utilisation and peak memory of grainlab's loop
+        torch.cuda.reset_peak_memory_stats(device)
+        with GpuUtilisation(device) as gpu:
+            grainlab_epoch()
+            sync(device)
 
     # FLOPs of one training step (forward + backward) per image, counted on the CPU copy
     counter = FlopCounterMode(display=False)
@@ -170,10 +175,12 @@ def train_figures(
                 f"training {profile} peak GPU memory",
                 "MiB",
                 torch.cuda.max_memory_allocated(device) / 2**20,
-                detail="torch.cuda.max_memory_allocated over the section",
+                detail="torch.cuda.max_memory_allocated during one grainlab epoch",
             )
         )
-        if gpu.mean is not None:
+        if not gpu.mean:
+            figures[0].detail += f"; GPU utilisation: {gpu.note or f'{len(gpu.samples)} samples, mean 0'}"
+        else:
             figures.append(
                 Figure(
                     "train",
