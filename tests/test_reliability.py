@@ -360,12 +360,6 @@ def test_recognition_train_into_a_read_only_folder(fs_faults):
 
 
 @needs_tmpfs
-@pytest.mark.xfail(
-    strict=True,
-    reason="recognition/predict.py Recognizer.save writes model.pt with torch.save straight to a path: "
-    "a full disk raises torch's RuntimeError (a traceback), and model.pt / gmm.json land in the final folder "
-    "one by one; fix there (serialise to bytes, write through images.staged_dir)",
-)
 def test_recognition_train_onto_a_full_disk(fs_faults):
     _check_fs_case(fs_faults, "full", "recognition train")
 
@@ -638,6 +632,8 @@ def test_no_credentials_in_params_yaml():
         ("postgresql://alice:s3cret@db.example:5432/optuna", "postgresql://alice:***@db.example:5432/optuna"),
         ("postgresql+psycopg://bob:p%40ss@127.0.0.1/db", "postgresql+psycopg://bob:***@127.0.0.1/db"),
         ("https://carol:tok-123@mlflow.example/", "https://carol:***@mlflow.example/"),
+        ("postgresql://eve:p@ss/w@db:5432/x", "postgresql://eve:***@db:5432/x"),  # unencoded @ and /
+        ("error at postgresql://eve:s3cret@db/x: refused", "error at postgresql://eve:***@db/x: refused"),
         ("postgresql://dave@127.0.0.1:5432/db", "postgresql://dave@127.0.0.1:5432/db"),  # no password
         ("sqlite:////work/mlflow.db", "sqlite:////work/mlflow.db"),
     ],

@@ -211,6 +211,14 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def write_bytes(path: str | Path, data) -> None:
+    """Write a file atomically and durably: a temporary sibling, fsync, then rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _json_ready(obj):
     """Non-finite floats become null, so the file stays valid JSON."""
     if isinstance(obj, dict):

@@ -32,8 +32,9 @@ def project_root() -> Path:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL such as postgresql://user:secret@host/db."""
-    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", url)
+    """Hide the password of a URL such as postgresql://user:secret@host/db (up to the last '@'
+    before any whitespace, so an unencoded '@' or '/' in the password stays hidden too)."""
+    return re.sub(r"(//[^:/@\s]+:)\S*@", r"\1***@", url)
 
 
 def tracking_uri() -> str:
@@ -160,7 +161,9 @@ def download_model_checkpoint(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # MLflow raises its own exception types
-        raise GrainlabError(f"cannot fetch model {uri!r} from {mask_url(tracking_uri())}: {exc}") from None
+        raise GrainlabError(
+            f"cannot fetch model {uri!r} from {mask_url(tracking_uri())}: {mask_url(str(exc))}"
+        ) from None
     found = sorted(local.rglob("*.pt"))
     if not found:
         raise GrainlabError(

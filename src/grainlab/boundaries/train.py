@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +38,15 @@ from grainlab.boundaries.unet import UNetArgs, build_unet
 from grainlab.config import Params, flatten, to_dict
 from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, ensure_writable, read_image, write_image, write_json, write_mask
+from grainlab.images import (
+    atomic_path,
+    ensure_writable,
+    read_image,
+    write_bytes,
+    write_image,
+    write_json,
+    write_mask,
+)
 
 OUTPUT_ROOT = Path("outputs/boundaries")
 
@@ -100,10 +107,7 @@ def save_checkpoint(path: Path, state: dict):
     """
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
+    write_bytes(path, buffer.getbuffer())
 
 
 def _rng_state(sampler: CropSampler) -> dict:

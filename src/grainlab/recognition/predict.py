@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path
+from grainlab.images import atomic_path, staged_dir, write_bytes
 from grainlab.recognition.crops import (
     check_px_per_um,
     check_size,
@@ -91,13 +92,15 @@ class Recognizer:
         return cls(net, OpenSetGMM.load(model_dir / GMM_FILE), ckpt, pick_device(device))
 
     def save(self, model_dir: str | Path) -> Path:
-        """Write model.pt (plain tensors and values, readable with weights_only=True) and gmm.json."""
+        """Write model.pt (plain tensors and values, readable with weights_only=True) and gmm.json,
+        staged so that a failed write leaves the old folder (or none), never half a model."""
         model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        with atomic_path(model_dir / CHECKPOINT) as tmp:
-            torch.save({**self.meta, "state_dict": state}, tmp)
-        self.gmm.save(model_dir / GMM_FILE)
+        buffer = io.BytesIO()  # serialised in memory: torch's file writer hides a full disk's OSError
+        torch.save({**self.meta, "state_dict": state}, buffer)
+        with staged_dir(model_dir) as tmp:
+            write_bytes(tmp / CHECKPOINT, buffer.getbuffer())
+            self.gmm.save(tmp / GMM_FILE)
         return model_dir
 
     def extrapolates(self, px_per_um: float) -> bool:
