@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,15 @@ def run_network(model: LoadedModel, batch: torch.Tensor, net: nn.Module | None =
         return net(batch)
 
 
+def _tile_workers(device: torch.device, n_tiles: int) -> int:
+    """Threads that each run whole tiles with one intra-op thread (CPU only). The demo-size
+    U-Net's convolutions are too small to split well across cores, and whole tiles side by
+    side kept both cores busy at about twice the rate."""
+    if device.type != "cpu" or n_tiles < 2:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_tiles))
+
+
 def predict_probability(
     model: LoadedModel, image: np.ndarray, tile: int = 512, overlap: float = 0.125, batch_size: int = 8
 ) -> np.ndarray:
@@ -225,15 +235,34 @@ def predict_logits(
     out = np.zeros((ph, pw), np.float32)
     corners = [(y, x) for y in ys for x in xs]
     pin = model.device.type == "cuda"
-    for i in range(0, len(corners), batch_size):
-        group = corners[i : i + batch_size]
+    workers = _tile_workers(model.device, len(corners))
+    step = batch_size if workers == 1 else max(1, -(-batch_size // workers))
+    groups = [corners[i : i + step] for i in range(0, len(corners), step)]
+
+    def weighted_tiles(group: list[tuple[int, int]]) -> np.ndarray:
+        if workers > 1:
+            torch.set_num_threads(1)  # this worker thread only (OpenMP's setting is per thread)
         tiles = torch.from_numpy(np.stack([chw[:, y : y + tile_h, x : x + tile_w] for y, x in group]))
         if pin:
             tiles = tiles.pin_memory()
         logits = run_network(model, tiles.to(model.device, non_blocking=pin), net)[:, 0]
-        weighted = (logits.float().cpu() * window).numpy()
+        return (logits.float().cpu() * window).numpy()
+
+    def accumulate(group, weighted):  # in the calling thread only: overlapping tiles add up
         for (y, x), t in zip(group, weighted, strict=True):
             out[y : y + tile_h, x : x + tile_w] += t
+
+    if workers == 1:
+        for group in groups:
+            accumulate(group, weighted_tiles(group))
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            for first in range(0, len(groups), 2 * workers):  # a bounded window of groups in flight
+                window_groups = groups[first : first + 2 * workers]
+                for group, weighted in zip(
+                    window_groups, pool.map(weighted_tiles, window_groups), strict=True
+                ):
+                    accumulate(group, weighted)
     for y, rows in _row_chunks(out):
         rows /= np.outer(norm_y[y : y + len(rows)], norm_x)
     if (ph, pw) != (h, w):
