@@ -5,8 +5,9 @@ evenly over the image and blended with raised-cosine ramps over the margin (so t
 leave no trace), and run through the network in batches. The U-Net is fully
 convolutional, so an inference tile may be larger than the training crops; larger tiles
 waste less work on overlaps. Inference runs on a copy of the network with BatchNorm
-folded into the convolutions, in channels-last memory and `torch.inference_mode`; on
-CUDA in bf16 autocast, with pinned host memory and non-blocking copies.
+folded into the convolutions, in channels-last memory and `torch.inference_mode`; on the
+CPU whole tiles run side by side in threads (one intra-op thread each); on CUDA in bf16
+autocast, with pinned host memory and non-blocking copies.
 """
 
 from __future__ import annotations
