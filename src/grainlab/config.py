@@ -277,7 +277,7 @@ class RecognitionConfig:
     lr: float = opt(2e-3, lo=1e-6, hi=1.0)
     weight_decay: float = opt(1e-4, lo=0.0)
     augment: CropAugmentConfig = field(default_factory=CropAugmentConfig)
-    gmm_components: int = opt(2, lo=1, hi=32)
+    gmm_components: int = opt(4, lo=1, hi=32)
     gmm_crops_per_image: int = opt(24, lo=1)
     none_percentile: float = opt(15.0, lo=0.0, hi=100.0)
     none_threshold: float | None = None
@@ -321,7 +321,7 @@ class RecognitionTuningConfig:
     val_fraction: float = opt(0.25, lo=0.05, hi=0.5)
     margin: tuple[float, float] = opt((0.2, 2.0))
     none_percentile: tuple[float, float] = opt((0.5, 10.0))
-    gmm_components: tuple[int, int] = opt((1, 3))
+    gmm_components: tuple[int, int] = opt((1, 6))
     lr: tuple[float, float] = opt((5e-4, 5e-3))
     descriptor_dims: tuple[int, ...] = opt((2, 3, 4))
     epochs: int = opt(10, lo=1)
