@@ -67,18 +67,25 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+@contextlib.contextmanager
+def _output_errors(path, errnos=_SETUP_ERRNOS):
+    """Turn an OSError with one of `errnos` into an OutputError naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in errnos:
+            raise OutputError(path, _reason(exc)) from None
+        raise
+
+
 def ensure_writable(folder: str | Path) -> Path:
     """Create `folder` if needed and check a file can be made in it (OutputError if not)."""
     folder = Path(folder)
-    try:
+    with _output_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=folder)
         os.close(fd)
         os.unlink(tmp)
-    except OSError as exc:
-        if exc.errno in _SETUP_ERRNOS:
-            raise OutputError(folder, _reason(exc)) from None
-        raise
     return folder
 
 
@@ -190,14 +197,10 @@ def atomic_path(path: str | Path):
     A full disk or an unwritable folder raises OutputError naming `path`; the old file stays.
     """
     path = Path(path)
-    try:
+    with _output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-    except OSError as exc:
-        if exc.errno in _SETUP_ERRNOS:
-            raise OutputError(path, _reason(exc)) from None
-        raise
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -273,13 +276,9 @@ def staged_dir(target: str | Path):
     disk or an unwritable folder raises OutputError naming `target`.
     """
     target = Path(target)
-    try:
+    with _output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        if exc.errno in _SETUP_ERRNOS:
-            raise OutputError(target, _reason(exc)) from None
-        raise
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
