@@ -30,6 +30,7 @@ from grainlab.cli import main
 from grainlab.config import load_params
 from test_boundaries_fixtures import write_data_root
 from test_boundaries_train import TINY
+from test_recognition_cli import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -224,19 +225,7 @@ def _run_commands(spec_path: str, result_path: str):
     Path(result_path).write_text(json.dumps(results))
 
 
-REC_FAST = [
-    "recognition.epochs=1",
-    "recognition.steps_per_epoch=2",
-    "recognition.crops_per_class=2",
-    "recognition.crop_px=32",
-    "recognition.crop_min_px=32",
-    "recognition.crop_max_px=64",
-    "recognition.widths=[8,16]",
-    "recognition.gmm_crops_per_image=4",
-    "recognition.gmm_components=1",
-    "recognition.tasks=[quiz1]",
-    "recognition.ablation=false",
-]
+REC_FAST = [*FAST, "recognition.ablation=false"]
 MICRO_TINY = [
     "microstructures.image_px=72",
     "microstructures.quiz1_train=10",
