@@ -47,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds per figure (best is kept)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting in every profile, e.g. --set boundaries.compile=true (repeatable)",
+    )
     g = ap.add_argument_group("synth")
     g.add_argument("--synth-regions", type=int, default=4, help="regions per recipe (0: all, as configured)")
     g.add_argument("--synth-px", type=int, default=None, help="image side (default: the profile's)")
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     from benchmarks import boundaries, memory, recognition, synth
 
     device = pick_device(args.device)
-    demo = load_params(args.params, profile="demo")
+    demo = load_params(args.params, args.overrides, profile="demo")
     started = time.perf_counter()
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
         done(synth.synth_figures(demo, "demo", args.synth_regions or None, args.synth_px, args.repeats))
     if "train" in args.sections:
         for profile in args.profiles:
-            params = load_params(args.params, profile=profile)
+            params = load_params(args.params, args.overrides, profile=profile)
             done(
                 boundaries.train_figures(
                     params,
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
             )
     if "infer" in args.sections:
         real = None if args.real_data == "none" else Path(args.real_data)
-        real_params = load_params(args.params, profile="tbm-dev")
+        real_params = load_params(args.params, args.overrides, profile="tbm-dev")
         new, skips = boundaries.infer_figures(
             demo, "demo", device, args.infer_size, args.repeats, real, real_params
         )
@@ -172,11 +180,17 @@ def run(args: argparse.Namespace) -> dict:
     if "memory" in args.sections:
         done(memory.memory_figures(args.params, "demo", args.memory_size, device))
     if "recognition" in args.sections:
-        done(
-            recognition.recognition_figures(
-                demo, "demo", args.crops, args.ref_crops, tuple(args.recognition_shape), args.repeats
+        for profile in args.profiles:
+            done(
+                recognition.recognition_figures(
+                    load_params(args.params, args.overrides, profile=profile),
+                    profile,
+                    args.crops,
+                    args.ref_crops,
+                    tuple(args.recognition_shape),
+                    args.repeats,
+                )
             )
-        )
     if device.type != "cuda":
         skipped.append(Skipped("gpu", "peak GPU memory, GPU utilisation", f"no CUDA device ({device})"))
 

@@ -89,6 +89,7 @@ def train_figures(
         torch.backends.cudnn.benchmark = True
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    train_net = torch.compile(net) if cfg.compile else net
     sampler = CropSampler(len(samples), batch * steps, params.seed)
     loader = DataLoader(
         dataset,
@@ -105,7 +106,7 @@ def train_figures(
     plain = DataLoader(dataset, batch_size=1, sampler=CropSampler(len(samples), ref_images, 2), num_workers=0)
 
     def grainlab_epoch():
-        train_epoch(net, loader, loss_fn, opt, device, 1)
+        train_epoch(train_net, loader, loss_fn, opt, device, 1)
 
     def plain_loop():
         for x, y in plain:
@@ -115,7 +116,7 @@ def train_figures(
     x0, y0 = dataset[(0, 0)]
 
     def warm_up():  # one batch each: kernels chosen, optimizer state made (loader workers start in round 1)
-        train_epoch(net, warm, loss_fn, opt, device, 0)
+        train_epoch(train_net, warm, loss_fn, opt, device, 0)
         _plain_step(ref_net, ref_opt, x0[None].to(device), y0[None].to(device))
 
     # interleaved rounds, best of each (see best_times)
@@ -138,8 +139,10 @@ def train_figures(
     achieved = flops_per_image * fast / 1e9
 
     where = f"{profile} U-Net ({args.depth} levels, base {args.base_channels}), {crop} px, {source}"
-    detail = f"batch {batch}, workers {cfg.workers}" + (
-        ", bf16 autocast, channels-last" if device.type == "cuda" else ""
+    detail = (
+        f"batch {batch}, workers {cfg.workers}"
+        + (", bf16 autocast, channels-last" if device.type == "cuda" else "")
+        + (", torch.compile" if cfg.compile else "")
     )
     figures = [
         Figure(

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from skimage import measure
 
 from grainlab.boundaries.baseline import trace_classical
 from grainlab.boundaries.grains import (
@@ -29,6 +30,7 @@ from grainlab.boundaries.infer import (
 from grainlab.boundaries.metrics import (
     boundary_scores,
     centroid_scores,
+    centroids,
     grain_scores,
     partition_scores,
     score_tracing,
@@ -235,6 +237,9 @@ def test_partition_and_centroid_scores():
     merged = np.where(labels == 2, 1, labels)
     m = partition_scores(merged, labels)
     assert m["vi_merge"] > 0 and m["vi_split"] == pytest.approx(0, abs=1e-9)
+    gapped = np.where(labels == 3, 0, labels)  # a missing label keeps the others' centroids in order
+    expected = np.array([r.centroid for r in measure.regionprops(gapped)])
+    assert np.allclose(centroids(gapped), expected) and centroids(np.zeros((4, 4), int)).shape == (0, 2)
     c = centroid_scores(labels, labels)
     assert c["orphan_fraction"] == 0 and c["disregistry"] == 0 and c["matched"] == 10
     g = grain_scores(boundary_network(labels), labels, boundary_network(labels), labels)

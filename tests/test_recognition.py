@@ -3,6 +3,7 @@
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,14 @@ import torch
 from grainlab.config import MicroConfig
 from grainlab.datasets.microstructures import build_library, load_manifest, plan_library, write_preview
 from grainlab.errors import GrainlabError
-from grainlab.recognition.crops import check_px_per_um, check_size, crop_magnification, extract, sample_boxes
+from grainlab.recognition.crops import (
+    check_px_per_um,
+    check_size,
+    crop_magnification,
+    extract,
+    sample_boxes,
+    to_channels,
+)
 from grainlab.recognition.evaluate import QuizResult, oscr, quiz_metrics
 from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
 from grainlab.recognition.openset import OpenSetGMM, fit_gmm
@@ -73,9 +81,24 @@ def test_crops_lie_inside_and_carry_their_magnification():
     boxes = sample_boxes(rng, (100, 150), 500, 20, 80)
     top, left, side = boxes.T
     assert side.min() >= 20 and side.max() <= 80 and (top + side <= 100).all() and (left + side <= 150).all()
-    crops = extract(np.random.default_rng(1).random((100, 150), dtype=np.float32), boxes[:3], 32)
-    assert crops.shape == (3, 32, 32)
+    img = np.random.default_rng(1).random((100, 150), dtype=np.float32)
+    crops = extract(img, boxes[:40], 32)
+    assert crops.shape == (40, 32, 32)
+    for crop, (t, lf, s) in zip(crops, boxes[:40], strict=True):  # threads keep each crop in its place
+        interp = cv2.INTER_AREA if s > 32 else cv2.INTER_LINEAR
+        assert np.array_equal(crop, cv2.resize(img[t : t + s, lf : lf + s], (32, 32), interpolation=interp))
     assert np.allclose(crop_magnification(10.0, np.array([[0, 0, 64]]), 32), 5.0)
+
+
+def test_edge_channel_is_opencv_sobel_magnitude():
+    crops = np.random.default_rng(2).random((3, 20, 24), dtype=np.float32)
+    x = to_channels(torch.from_numpy(crops), edge_channel=True).numpy()
+    assert x.shape == (3, 2, 20, 24)
+    assert np.array_equal(x[:, 0], crops - 0.5)
+    for c, edges in zip(crops, x[:, 1], strict=True):
+        gx, gy = cv2.Sobel(c, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(c, cv2.CV_32F, 0, 1, ksize=3)
+        assert np.allclose(edges, np.sqrt(gx * gx + gy * gy), atol=1e-5)
+    assert to_channels(torch.from_numpy(crops), edge_channel=False).shape == (3, 1, 20, 24)
 
 
 def test_network_takes_magnification_by_concat_or_film():

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,14 @@ def staged_dir(target: str | Path):
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def worker_threads(n_items: int) -> int:
+    return max(1, min(n_items, os.cpu_count() or 1))
+
+
+def parallel_map(fn, items: list) -> list:
+    """fn over items in one thread per core, results in order. Decoding images, post-processing
+    and scoring spend their time in Pillow, NumPy, SciPy and scikit-image code that releases the GIL."""
+    with ThreadPoolExecutor(worker_threads(len(items))) as pool:
+        return list(pool.map(fn, items))

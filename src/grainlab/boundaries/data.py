@@ -17,7 +17,7 @@ from grainlab.boundaries.infer import to_channels
 from grainlab.config import AugmentConfig
 from grainlab.datasets.folder import Pair
 from grainlab.errors import GrainlabError
-from grainlab.images import read_image, read_mask
+from grainlab.images import parallel_map, read_image, read_mask
 
 
 def build_augmentation(cfg: AugmentConfig) -> A.Compose:
@@ -36,17 +36,18 @@ def build_augmentation(cfg: AugmentConfig) -> A.Compose:
 
 
 def load_pairs(pairs: list[Pair], channels: int, max_pixels: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read every (image, tracing) pair once: images as (C, H, W) float16, tracings as bool."""
-    out = []
-    for p in pairs:
+    """Read every (image, tracing) pair once, in threads: images as (C, H, W) float16, tracings as bool."""
+
+    def load(p: Pair):
         image = read_image(p.image, channels="rgb" if channels == 3 else "grey", max_pixels=max_pixels)
         mask = read_mask(p.label, max_pixels=max_pixels)
         if mask.shape != image.shape[:2]:
             raise GrainlabError(
                 f"{p.label}: tracing is {mask.shape}, but its image {p.image} is {image.shape[:2]}"
             )
-        out.append((to_channels(image, channels).astype(np.float16), mask))
-    return out
+        return to_channels(image, channels).astype(np.float16), mask
+
+    return parallel_map(load, pairs)
 
 
 class CropSampler(Sampler):

@@ -14,7 +14,7 @@ from grainlab.boundaries.infer import LoadedModel, predict_probability
 from grainlab.boundaries.metrics import boundary_scores, mean_scores, score_tracing
 from grainlab.config import BoundaryConfig, to_dict
 from grainlab.datasets.folder import TestItem
-from grainlab.images import read_image, read_labels, read_mask
+from grainlab.images import parallel_map, read_image, read_labels, read_mask
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,14 @@ def score_items(
     tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str, tolerance: int
 ) -> list[dict[str, float]]:
     """Per-image metrics of a tracer on test items (each row also names its image)."""
-    rows = []
-    for item in items:
+
+    def score(item: TestItem) -> dict:
         result = tracer(read_image(item.image, channels=channels))
         truth = read_mask(item.boundaries)
         scores = score_tracing(result.tracing, result.grains, truth, read_labels(item.grains), tolerance)
-        rows.append({"image": item.name, **scores})
-    return rows
+        return {"image": item.name, **scores}
+
+    return parallel_map(score, items)
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:

@@ -22,7 +22,8 @@ def _save(fig, path: Path):
 def plot_losses(ax, history: list[dict]):
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train/loss"] for h in history], label="train")
-    ax.plot(epochs, [h["val/loss"] for h in history], label="validation")
+    validated = [h for h in history if "val/loss" in h]  # boundaries.eval_every may skip epochs
+    ax.plot([h["epoch"] for h in validated], [h["val/loss"] for h in validated], label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)

@@ -2,7 +2,8 @@
 
 A run writes into outputs/boundaries/<dataset>-<loss>/:
 
-    checkpoints/last.pt    written every epoch (atomically): model, optimizer, RNG states,
+    checkpoints/last.pt    written after each validation (every boundaries.eval_every epochs,
+                           atomically): model, optimizer, RNG states,
                            epoch, history, params and the MLflow run id; `resume` goes on from it
     snapshots/             test-image predictions at the snapshot epochs
     history.csv            per-epoch curves (for `dvc plots`)
@@ -20,6 +21,7 @@ import io
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,9 @@ from grainlab.errors import GrainlabError
 from grainlab.images import (
     atomic_path,
     ensure_writable,
+    parallel_map,
     read_image,
+    worker_threads,
     write_bytes,
     write_image,
     write_json,
@@ -126,20 +130,29 @@ def _restore_rng(state: dict, sampler: CropSampler):
 
 def _check_resume_params(saved: dict, params: Params, path: Path):
     now, before = flatten(params), flatten(saved)
-    allowed = {"boundaries.epochs", "boundaries.snapshot_epochs", "boundaries.workers"}
+    allowed = {
+        "boundaries.epochs",
+        "boundaries.snapshot_epochs",
+        "boundaries.workers",
+        "boundaries.eval_every",
+        "boundaries.compile",
+    }
     changed = sorted(k for k in set(now) | set(before) if k not in allowed and now.get(k) != before.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise GrainlabError(
             f"{path}: cannot resume, the params differ from the checkpoint's ({diffs}); only "
-            "boundaries.epochs, snapshot_epochs and workers may change. Train afresh without --resume."
+            "boundaries.epochs, snapshot_epochs, workers, eval_every and compile may change. Train afresh without --resume."
         )
 
 
 def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
+    """One pass over the loader; the mean training loss. Losses stay on the device until the end
+    of the epoch (no per-step host sync, so the GPU never waits on Python), then the first
+    non-finite one, if any, is reported with its step."""
     net.train()
-    total, count = 0.0, 0
-    for step, (x, y) in enumerate(loader):
+    losses, sizes = [], []
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
@@ -148,44 +161,63 @@ def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
             loss = loss_fn(logits.float(), y)
         else:
             loss = loss_fn(net(x), y)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged: loss = {loss.item()} at epoch {epoch}, step {step}; "
-                "lower boundaries.lr or choose another loss"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(x)
-        count += len(x)
-    return total / max(count, 1)
+        losses.append(loss.detach())
+        sizes.append(len(x))
+    if not losses:
+        return float("nan")
+    losses = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise TrainingDiverged(
+            f"training diverged: loss = {losses[step].item()} at epoch {epoch}, step {step}; "
+            "lower boundaries.lr or choose another loss"
+        )
+    return float((losses * torch.tensor(sizes)).sum() / sum(sizes))
 
 
-def validate(model: LoadedModel, samples, loss_fn, params: Params) -> dict[str, float]:
-    """Validation loss and tracing metrics over whole validation images."""
+def truth_maps(samples, post) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tracing, grains) of each validation tracing, post-processed as predictions are."""
+
+    def truth(sample):
+        tracing = trace_boundaries(sample[1].astype(np.float32), post)
+        return tracing, label_grains(tracing, post)
+
+    return parallel_map(truth, samples)
+
+
+def validate(model: LoadedModel, samples, truths, loss_fn, params: Params) -> dict[str, float]:
+    """Validation loss and tracing metrics over whole validation images. Each image is
+    post-processed and scored in a worker thread while the network predicts the next."""
     cfg = params.boundaries
     post = postprocess_settings(cfg)
     model.net.eval()
-    losses, rows = [], []
-    for image, mask in samples:
-        chw = image.astype(np.float32)
-        logits = predict_logits(
-            model,
-            np.moveaxis(chw, 0, 2) if chw.shape[0] == 3 else chw[0],
-            cfg.tile_px,
-            cfg.tile_overlap,
-            cfg.tile_batch,
-        )
-        target = torch.from_numpy(mask[None, None].astype(np.float32))
-        losses.append(loss_fn(torch.from_numpy(logits[None, None]), target).item())
+
+    def score(logits, truth):
         tracing = trace_boundaries(1 / (1 + np.exp(-np.clip(logits, -50, 50))), post)
-        truth = trace_boundaries(mask.astype(np.float32), post)
-        rows.append(
-            {
-                **boundary_scores(tracing, truth, cfg.tolerance_px),
-                **partition_scores(label_grains(tracing, post), label_grains(truth, post)),
-            }
-        )
+        return {
+            **boundary_scores(tracing, truth[0], cfg.tolerance_px),
+            **partition_scores(label_grains(tracing, post), truth[1]),
+        }
+
+    losses, pending = [], []
+    with ThreadPoolExecutor(worker_threads(len(samples))) as pool:
+        for (image, mask), truth in zip(samples, truths, strict=True):
+            chw = image.astype(np.float32)
+            logits = predict_logits(
+                model,
+                np.moveaxis(chw, 0, 2) if chw.shape[0] == 3 else chw[0],
+                cfg.tile_px,
+                cfg.tile_overlap,
+                cfg.tile_batch,
+            )
+            target = torch.from_numpy(mask[None, None].astype(np.float32))
+            losses.append(loss_fn(torch.from_numpy(logits[None, None]), target).item())
+            pending.append(pool.submit(score, logits, truth))
+        rows = [p.result() for p in pending]
     out = {"val/loss": float(np.mean(losses))}
     for key in (
         "boundary_f1",
@@ -260,11 +292,13 @@ def train_boundaries(
     max_px = params.data.max_image_pixels
     train_samples = load_pairs(train_pairs, cfg.unet.in_channels, max_px)
     val_samples = load_pairs(val_pairs, cfg.unet.in_channels, max_px)
+    val_truths = truth_maps(val_samples, postprocess_settings(cfg))
     model_args = UNetArgs(**to_dict(cfg.unet))
     net = build_unet(model_args).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    train_net = torch.compile(net) if cfg.compile else net  # shares net's parameters
     sampler = CropSampler(len(train_samples), cfg.samples_per_epoch, params.seed)
     loader = DataLoader(
         CropDataset(train_samples, cfg.crop_px, build_augmentation(cfg.augment)),
@@ -312,13 +346,20 @@ def train_boundaries(
             on_run(run_id)
         for epoch in range(start_epoch, cfg.epochs + 1):
             start = time.perf_counter()
-            row = {"epoch": epoch, "train/loss": train_epoch(net, loader, loss_fn, optimizer, device, epoch)}
-            row.update(validate(model, val_samples, loss_fn, params))
+            row = {
+                "epoch": epoch,
+                "train/loss": train_epoch(train_net, loader, loss_fn, optimizer, device, epoch),
+            }
+            evaluate = epoch % cfg.eval_every == 0 or epoch in cfg.snapshot_epochs or epoch == cfg.epochs
+            if evaluate:
+                row.update(validate(model, val_samples, val_truths, loss_fn, params))
             if epoch in cfg.snapshot_epochs and items:
                 row.update(write_snapshot(model, params, items, out_dir, epoch))
             row["time/epoch_s"] = time.perf_counter() - start
             history.append(row)
             tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if not evaluate:
+                continue
             save_checkpoint(
                 ckpt_path,
                 {

@@ -110,7 +110,7 @@ class Recognizer:
     @torch.inference_mode()
     def descriptors(self, crops: np.ndarray, crop_px_per_um: np.ndarray) -> np.ndarray:
         """(n, h, w) resampled crops and their px/um -> (n, dim) descriptors."""
-        x = torch.from_numpy(to_channels(crops, self.edge_channel)).to(self.device)
+        x = to_channels(torch.from_numpy(crops).to(self.device), self.edge_channel)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             z = self.net(x, log_magnification(crop_px_per_um).to(self.device))
         return z.float().cpu().numpy()

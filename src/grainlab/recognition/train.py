@@ -96,7 +96,7 @@ def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on
         for _ in range(cfg.steps_per_epoch):
             ids = np.concatenate([rng.choice(ids, cfg.crops_per_class) for ids in by_class])
             crops, mags = sample_crops(data, ids, cfg, rng)
-            x = torch.from_numpy(to_channels(augment(crops, augmenter), cfg.edge_channel)).to(device)
+            x = to_channels(torch.from_numpy(augment(crops, augmenter)).to(device), cfg.edge_channel)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 z = net(x, log_magnification(mags).to(device)).float()
             loss, frac = triplet_loss(z, labels, cfg.margin, cfg.mining)
