@@ -66,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=2, help="timed grainlab training steps")
     g.add_argument("--batch", type=int, default=None, help="grainlab batch (default: the profile's)")
     g.add_argument("--ref-images", type=int, default=6, help="images timed in the plain batch-1 loop")
-    g.add_argument("--matmul-n", type=int, default=2048, help="side of the reference matmul (GFLOP/s)")
+    g.add_argument(
+        "--matmul-n", type=int, default=None, help="side of the reference matmul (default 2048; 8192 on CUDA)"
+    )
     g = ap.add_argument_group("infer and memory")
     g.add_argument("--infer-size", type=int, default=2048, help="side of the square inference image")
     g.add_argument(
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
                     args.steps,
                     args.ref_images,
                     args.batch,
-                    args.matmul_n,
+                    args.matmul_n or (8192 if device.type == "cuda" else 2048),
                     args.repeats,
                 )
             )

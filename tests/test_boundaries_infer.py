@@ -21,11 +21,13 @@ from grainlab.boundaries.grains import (
 from grainlab.boundaries.infer import (
     LoadedModel,
     blend_window,
+    cpu_has_bf16,
     inference_network,
     load_model,
     predict_logits,
     predict_probability,
     tile_layout,
+    uses_bf16,
 )
 from grainlab.boundaries.metrics import (
     boundary_scores,
@@ -139,14 +141,31 @@ def reference_logits(model, image, tile):
     return out[:h, :w]
 
 
-def test_fast_tiled_inference_matches_the_plain_path_on_one_tile(model):
+def test_fast_tiled_inference_matches_the_plain_path_on_one_tile(model, monkeypatch):
     # one tile: the blended, folded, channels-last path must give the plain network's output
+    monkeypatch.setenv("GRAINLAB_PRECISION", "fp32")
     image = np.random.default_rng(3).random((64, 64), dtype=np.float32)
     np.testing.assert_allclose(
         predict_logits(model, image, tile=64), reference_logits(model, image, 64), rtol=1e-4, atol=1e-4
     )
     prob = predict_probability(model, image, tile=64)
     np.testing.assert_allclose(prob, 1 / (1 + np.exp(-reference_logits(model, image, 64))), atol=1e-5)
+
+
+def test_bf16_inference_stays_close_to_fp32_and_the_choice_is_checked(model, monkeypatch):
+    image = np.random.default_rng(5).random((96, 80), dtype=np.float32)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "fp32")
+    fp32 = predict_logits(model, image, tile=64)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "bf16")
+    bf16 = predict_logits(model, image, tile=64)
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # bf16 really ran
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+    assert uses_bf16(torch.device("cpu"))
+    monkeypatch.setenv("GRAINLAB_PRECISION", "fp16")
+    with pytest.raises(GrainlabError, match="GRAINLAB_PRECISION = 'fp16': expected one of auto, fp32, bf16"):
+        predict_logits(model, image, tile=64)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "auto")
+    assert uses_bf16(torch.device("cpu")) == cpu_has_bf16()
 
 
 def test_blending_is_a_weighted_mean_of_overlapping_tiles(model):

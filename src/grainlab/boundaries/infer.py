@@ -6,13 +6,16 @@ leave no trace), and run through the network in batches. The U-Net is fully
 convolutional, so an inference tile may be larger than the training crops; larger tiles
 waste less work on overlaps. Inference runs on a copy of the network with BatchNorm
 folded into the convolutions, in channels-last memory and `torch.inference_mode`; on the
-CPU whole tiles run side by side in threads (one intra-op thread each); on CUDA in bf16
-autocast, with pinned host memory and non-blocking copies.
+CPU whole tiles run side by side in threads (one intra-op thread each); on CUDA with pinned
+host memory and non-blocking copies. Both run in bf16 autocast where the hardware does bf16
+natively (see `mixed_precision`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,33 @@ from torch import nn
 
 from grainlab.boundaries.unet import UNet, build_unet
 from grainlab.errors import GrainlabError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix work natively (AMX tiles or AVX512-BF16)."""
+    try:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:
+        return False
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """bf16 autocast for the U-Net: the environment variable GRAINLAB_PRECISION chooses;
+    `auto` (the default) means on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    choice = os.environ.get("GRAINLAB_PRECISION", "auto")
+    if choice not in PRECISIONS:
+        raise GrainlabError(f"GRAINLAB_PRECISION = {choice!r}: expected one of {', '.join(PRECISIONS)}")
+    if choice != "auto":
+        return choice == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """The U-Net's autocast context on this device (weights, losses and outputs stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 
 @dataclass(frozen=True)
@@ -162,17 +192,13 @@ def inference_network(net: UNet) -> nn.Module:
 
 
 def run_network(model: LoadedModel, batch: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
-    """Logits for a (N, C, H, W) float batch already on the model's device.
+    """Logits (float32) for a (N, C, H, W) float batch already on the model's device.
 
-    Runs in inference mode and channels-last; on CUDA in bf16 autocast.
+    Runs in inference mode, channels-last and `mixed_precision`.
     """
     net = inference_network(model.net) if net is None else net
-    with torch.inference_mode():
-        batch = batch.to(memory_format=torch.channels_last)
-        if model.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return net(batch).float()
-        return net(batch)
+    with torch.inference_mode(), mixed_precision(model.device):
+        return net(batch.to(memory_format=torch.channels_last)).float()
 
 
 def _tile_workers(device: torch.device, n_tiles: int) -> int:
