@@ -8,7 +8,7 @@ waste less work on overlaps. Inference runs on a copy of the network with BatchN
 folded into the convolutions, in channels-last memory and `torch.inference_mode`; on the
 CPU whole tiles run side by side in threads (one intra-op thread each); on CUDA with pinned
 host memory and non-blocking copies. Both run in bf16 autocast where the hardware does bf16
-natively (see `mixed_precision`).
+natively: CUDA, and CPUs with AMX (see `uses_bf16`).
 """
 
 from __future__ import annotations
@@ -33,16 +33,17 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix work natively (AMX tiles or AVX512-BF16)."""
+    """Whether this CPU has AMX tiles, on which oneDNN runs bf16 convolutions natively (the
+    only CPU kind where bf16 was measured faster, benchmarks/RESULTS.md)."""
     try:
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return torch.cpu._is_amx_tile_supported()
     except AttributeError:
         return False
 
 
 def uses_bf16(device: torch.device) -> bool:
     """bf16 autocast for the U-Net: the environment variable GRAINLAB_PRECISION chooses;
-    `auto` (the default) means on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    `auto` (the default) means on CUDA and on CPUs with AMX, fp32 elsewhere."""
     choice = os.environ.get("GRAINLAB_PRECISION", "auto")
     if choice not in PRECISIONS:
         raise GrainlabError(f"GRAINLAB_PRECISION = {choice!r}: expected one of {', '.join(PRECISIONS)}")
