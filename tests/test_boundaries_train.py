@@ -105,6 +105,34 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(workdir, monkeypa
     assert [h["train/loss"] for h in full.history] == [h["train/loss"] for h in resumed.history]
 
 
+def test_eval_every_validates_and_checkpoints_only_at_its_epochs(workdir, monkeypatch):
+    import mlflow
+
+    saved = []
+    save = train_mod.save_checkpoint
+    monkeypatch.setattr(
+        train_mod, "save_checkpoint", lambda path, state: (saved.append(state["epoch"]), save(path, state))
+    )
+    p = params("boundaries.epochs=5", "boundaries.snapshot_epochs=[3]", "boundaries.eval_every=2")
+    result = train_boundaries(p, "toy", "bce", out_root=workdir / "o", log_model=False)
+    validated = [h["epoch"] for h in result.history if "val/loss" in h]
+    assert validated == saved == [2, 3, 4, 5]  # every 2nd, the snapshot and the last
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "val/loss")]
+    assert steps == [2, 3, 4, 5]
+    assert (result.out_dir / "loss_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights(workdir):
+    # torch.compile wraps the network; checkpoints must still hold the plain module's keys
+    p = params("boundaries.epochs=1", "boundaries.snapshot_epochs=[1]", "boundaries.compile=true")
+    result = train_boundaries(p, "toy", "bce", out_root=workdir / "o", log_model=False)
+    keys = list(weights(result.out_dir))
+    assert keys and not any(k.startswith("_orig_mod") for k in keys)
+    assert np.isfinite(result.history[0]["train/loss"]) and "val/boundary_f1" in result.history[0]
+
+
 def test_resume_refuses_changed_params(workdir):
     train_boundaries(
         params("boundaries.epochs=1", "boundaries.snapshot_epochs=[1]"),
