@@ -51,6 +51,13 @@ def baseline_tracer(cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
     return trace
 
 
+def trace_items(
+    tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str
+) -> list[Tracing]:
+    """The tracer's result for each test item, one thread per core."""
+    return parallel_map(lambda item: tracer(read_image(item.image, channels=channels)), items)
+
+
 def score_items(
     tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str, tolerance: int
 ) -> list[dict[str, float]]:

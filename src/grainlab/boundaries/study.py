@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grainlab.boundaries.evaluate import baseline_tracer, model_tracer, score_items, summarise
+from grainlab.boundaries.evaluate import baseline_tracer, model_tracer, score_items, summarise, trace_items
 from grainlab.boundaries.figures import write_poster_grid, write_size_distributions
 from grainlab.boundaries.grains import equivalent_diameters
 from grainlab.boundaries.infer import load_model
@@ -123,7 +123,7 @@ def run_study(
                 result = load_result(runs_root / f"{dataset}-{loss}")
             model = load_model(result.out_dir / "checkpoints" / "last.pt")
             tracer = model_tracer(model, cfg)
-            traced = [tracer(read_image(i.image, channels=channels)) for i in items]
+            traced = trace_items(tracer, items, channels)
             sizes.setdefault(dataset, {})[loss] = np.concatenate(
                 [equivalent_diameters(t.grains) for t in traced]
             )
