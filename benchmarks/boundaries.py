@@ -2,8 +2,9 @@
 
 Training runs grainlab's own hot loop (`train.train_epoch`) over its own data path
 (`CropSampler`, `CropDataset` with the configured augmentation, a DataLoader built as
-`train_boundaries` builds it: the profile's batch size and workers, pinned memory on
-CUDA; bf16 autocast and channels-last on CUDA). The plain reference: batch 1 through
+`train_boundaries` builds it: the profile's batch size and workers; bf16 autocast on CUDA
+and AMX CPUs (`uses_bf16`); channels-last and pinned memory on CUDA; `torch.compile` with
+`--set boundaries.compile=true`). The plain reference: batch 1 through
 DataLoader(num_workers=0), fp32, same model, data, loss and optimizer.
 
 Inference runs `predict_probability` with the profile's tile settings. The plain
@@ -22,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model, sync
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
-from grainlab.boundaries.infer import predict_probability
+from grainlab.boundaries.infer import predict_probability, uses_bf16
 from grainlab.boundaries.losses import make_loss
 from grainlab.boundaries.train import train_epoch
 from grainlab.boundaries.unet import UNetArgs, build_unet
@@ -141,7 +142,8 @@ def train_figures(
     where = f"{profile} U-Net ({args.depth} levels, base {args.base_channels}), {crop} px, {source}"
     detail = (
         f"batch {batch}, workers {cfg.workers}"
-        + (", bf16 autocast, channels-last" if device.type == "cuda" else "")
+        + (", bf16 autocast" if uses_bf16(device) else ", fp32")
+        + (", channels-last" if device.type == "cuda" else "")
         + (", torch.compile" if cfg.compile else "")
     )
     figures = [
@@ -252,7 +254,7 @@ def infer_figure(
         mp / t_fast,
         mp / t_ref,
         f"{profile} U-Net, {detail}; grainlab tile {cfg.tile_px} px, overlap {cfg.tile_overlap}, batch "
-        f"{cfg.tile_batch}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
+        f"{cfg.tile_batch}, {'bf16 autocast' if uses_bf16(device) else 'fp32'}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
         {
             "megapixels": mp,
             "tile_px": cfg.tile_px,

@@ -314,6 +314,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def worker_threads(n_items: int) -> int:
+    """Threads for n items: one per core, at most one per item, at least one."""
     return max(1, min(n_items, os.cpu_count() or 1))
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from grainlab.errors import GrainlabError
+from grainlab.images import parallel_map, worker_threads
 
 
 def check_px_per_um(value, what: str = "px_per_um") -> float:
@@ -60,9 +59,7 @@ def extract(img: np.ndarray, boxes: np.ndarray, out_px: int) -> np.ndarray:
             interp = cv2.INTER_AREA if s > out_px else cv2.INTER_LINEAR
             out[i] = cv2.resize(img[top : top + s, left : left + s], (out_px, out_px), interpolation=interp)
 
-    parts = np.array_split(np.arange(len(boxes)), min(len(boxes), os.cpu_count() or 1))
-    with ThreadPoolExecutor(len(parts)) as pool:
-        list(pool.map(work, parts))
+    parallel_map(work, np.array_split(np.arange(len(boxes)), worker_threads(len(boxes))))
     return out
 
 
