@@ -25,7 +25,7 @@ from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times,
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
 from grainlab.boundaries.infer import predict_probability, uses_bf16
 from grainlab.boundaries.losses import make_loss
-from grainlab.boundaries.train import train_epoch
+from grainlab.boundaries.train import crop_loader, train_epoch, training_network
 from grainlab.boundaries.unet import UNetArgs, build_unet
 from grainlab.config import Params, to_dict
 from grainlab.images import read_image
@@ -85,21 +85,15 @@ def train_figures(
     loss_fn = make_loss(cfg.loss, **cfg.loss_args.get(cfg.loss, {}))
 
     torch.manual_seed(params.seed)
-    net = build_unet(args).to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    train_net = torch.compile(net) if cfg.compile else net
-    sampler = CropSampler(len(samples), batch * steps, params.seed)
-    loader = DataLoader(
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train_boundaries sets it
+    _, train_net, opt = training_network(cfg, device)
+    loader = crop_loader(
         dataset,
-        batch_size=batch,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(params.seed),
+        CropSampler(len(samples), batch * steps, params.seed),
+        batch,
+        cfg.workers,
+        device,
+        params.seed,
     )
     torch.manual_seed(params.seed)
     ref_net = build_unet(args).to(device).train()

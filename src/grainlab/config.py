@@ -198,9 +198,8 @@ class BoundaryConfig:
     val_fraction: float = opt(0.2, lo=0.0, hi=0.9)
     val_max_images: int = opt(3, lo=0)
     workers: int = opt(0, lo=0, hi=64)
-    eval_every: int = opt(
-        1, lo=1, hi=10_000
-    )  # validate and checkpoint every N epochs (and at snapshots, the last)
+    # validate and checkpoint every N epochs, and at the snapshot epochs and the last
+    eval_every: int = opt(1, lo=1, hi=10_000)
     compile: bool = False  # torch.compile the training forward and backward
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)

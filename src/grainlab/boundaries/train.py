@@ -44,7 +44,7 @@ from grainlab.boundaries.infer import (
 from grainlab.boundaries.losses import make_loss
 from grainlab.boundaries.metrics import boundary_scores, partition_scores
 from grainlab.boundaries.unet import UNetArgs, build_unet
-from grainlab.config import Params, flatten, to_dict
+from grainlab.config import BoundaryConfig, Params, flatten, to_dict
 from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
 from grainlab.errors import GrainlabError
 from grainlab.images import (
@@ -151,6 +151,31 @@ def _check_resume_params(saved: dict, params: Params, path: Path):
             f"{path}: cannot resume, the params differ from the checkpoint's ({diffs}); only "
             "boundaries.epochs, snapshot_epochs, workers, eval_every and compile may change. Train afresh without --resume."
         )
+
+
+def training_network(cfg: BoundaryConfig, device: torch.device):
+    """(net, train_net, optimizer): the U-Net on the device (channels-last on CUDA), the module
+    that trains it (torch.compile'd with boundaries.compile, sharing net's weights) and its Adam."""
+    net = build_unet(UNetArgs(**to_dict(cfg.unet))).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    return net, (torch.compile(net) if cfg.compile else net), optimizer
+
+
+def crop_loader(
+    dataset: CropDataset, sampler: CropSampler, batch_size: int, workers: int, device: torch.device, seed: int
+) -> DataLoader:
+    """Batches of augmented crops; worker processes persist across epochs, pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
@@ -298,22 +323,10 @@ def train_boundaries(
     train_samples = load_pairs(train_pairs, cfg.unet.in_channels, max_px)
     val_samples = load_pairs(val_pairs, cfg.unet.in_channels, max_px)
     val_truths = truth_maps(val_samples, postprocess_settings(cfg))
-    model_args = UNetArgs(**to_dict(cfg.unet))
-    net = build_unet(model_args).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    train_net = torch.compile(net) if cfg.compile else net  # shares net's parameters
+    net, train_net, optimizer = training_network(cfg, device)
     sampler = CropSampler(len(train_samples), cfg.samples_per_epoch, params.seed)
-    loader = DataLoader(
-        CropDataset(train_samples, cfg.crop_px, build_augmentation(cfg.augment)),
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(params.seed),
-    )
+    dataset = CropDataset(train_samples, cfg.crop_px, build_augmentation(cfg.augment))
+    loader = crop_loader(dataset, sampler, cfg.batch_size, cfg.workers, device, params.seed)
 
     history: list[dict] = []
     start_epoch, run_id = 1, None
@@ -372,7 +385,7 @@ def train_boundaries(
             save_checkpoint(
                 ckpt_path,
                 {
-                    "model_args": model_args.to_dict(),
+                    "model_args": net.args.to_dict(),
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(sampler),
