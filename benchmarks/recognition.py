@@ -16,16 +16,17 @@ import torch
 
 from benchmarks.common import Figure, best_times
 from grainlab.config import Params, to_dict
+from grainlab.recognition.model import TripletNet
 from grainlab.recognition.openset import OpenSetGMM
 from grainlab.recognition.predict import Recognizer, pick_device
-from grainlab.recognition.train import build_network
+from grainlab.recognition.train import network_args
 from grainlab.synth import micro
 
 
 def fresh_recognizer(params: Params) -> Recognizer:
     cfg = params.recognition
     torch.manual_seed(params.seed)
-    net, args = build_network(cfg)
+    args = network_args(cfg)
     k, d = 5, cfg.descriptor_dim
     gmm = OpenSetGMM(
         [f"c{i}" for i in range(k)], [[1.0]] * k, np.eye(k, d)[:, None] * 3, [np.eye(d)[None]] * k, -5.0
@@ -39,7 +40,8 @@ def fresh_recognizer(params: Params) -> Recognizer:
         "crop_max_px": cfg.crop_max_px,
         "edge_channel": cfg.edge_channel,
     }
-    return Recognizer(net, gmm, meta, pick_device(cfg.device))
+    nets = [TripletNet(**args) for _ in range(cfg.members)]
+    return Recognizer(nets, [gmm] * cfg.members, meta, pick_device(cfg.device))
 
 
 def recognition_figures(

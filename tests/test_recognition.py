@@ -21,8 +21,8 @@ from grainlab.recognition.crops import (
 )
 from grainlab.recognition.evaluate import QuizResult, oscr, quiz_metrics
 from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
-from grainlab.recognition.openset import OpenSetGMM, fit_gmm
-from grainlab.recognition.predict import Prediction, saliency_map, saliency_overlay
+from grainlab.recognition.openset import OpenSetGMM, fit_gmm, load_gmms, save_gmms
+from grainlab.recognition.predict import Prediction, Recognizer, saliency_map, saliency_overlay
 from grainlab.recognition.train import LabelledImages
 from grainlab.synth import micro
 
@@ -142,10 +142,67 @@ def test_open_set_gmm_answers_none_far_from_every_class(tmp_path):
     assert np.allclose(p.sum(axis=1), 1)
     assert p[0].argmax() == 0 and p[1].argmax() == 1 and p[2, -1] == 1.0
     assert gmm.labels == ["a", "b", "none"]
-    gmm.save(tmp_path / "gmm.json")
-    again = OpenSetGMM.load(tmp_path / "gmm.json")
-    assert json.loads((tmp_path / "gmm.json").read_text())["classes"] == ["a", "b"]
-    assert np.allclose(again.log_likelihood(z[:5]), gmm.log_likelihood(z[:5]))
+    other = fit_gmm(z + 1.0, y, ["a", "b"], n_components=1, percentile=5.0)
+    save_gmms([gmm, other], tmp_path / "gmm.json")
+    again = load_gmms(tmp_path / "gmm.json")
+    assert [g["classes"] for g in json.loads((tmp_path / "gmm.json").read_text())["members"]] == [
+        ["a", "b"]
+    ] * 2
+    for a, b in zip(again, [gmm, other], strict=True):
+        assert np.allclose(a.log_likelihood(z[:5]), b.log_likelihood(z[:5])) and a.threshold == b.threshold
+    (tmp_path / "bad.json").write_text('{"members": [{"classes": ["a"]}]}')
+    with pytest.raises(GrainlabError, match="bad.json"):
+        load_gmms(tmp_path / "bad.json")
+
+
+def _recognizer(img, seeds):
+    """A recognizer of untrained tiny networks, one per seed, each with 2-class GMMs fitted on its
+    own descriptors of crops of img (split at the median of the first descriptor)."""
+    meta = {
+        "model_args": {"in_channels": 2, "widths": [8, 16]},
+        "px_per_um_range": [1.0, 100.0],
+        "crop_px": 24,
+        "crop_min_px": 16,
+        "crop_max_px": 40,
+        "edge_channel": True,
+    }
+    nets = []
+    for s in seeds:
+        torch.manual_seed(s)
+        nets.append(TripletNet(2, (8, 16)))
+    rec = Recognizer(nets, [], meta, torch.device("cpu"))
+    boxes = sample_boxes(np.random.default_rng(1), img.shape, 200, 16, 40)
+    crops, mags = extract(img, boxes, 24), crop_magnification(20.0, boxes, 24)
+    for m in range(len(nets)):
+        z = rec.descriptors(crops, mags, member=m)
+        rec.gmms.append(fit_gmm(z, (z[:, 0] > np.median(z[:, 0])).astype(int), ["a", "b"], 1, 30.0))
+    return rec
+
+
+def test_ensemble_averages_its_members_and_survives_a_save(tmp_path):
+    img = micro.render("pearlite", (64, 80), 20.0, "sem", np.random.default_rng(0))
+    ensemble = _recognizer(img, [0, 1])
+    singles = [_recognizer(img, [0]), _recognizer(img, [1])]
+    preds = [r.predict(img, 20.0, n_crops=50, batch_size=16, seed=3) for r in [ensemble, *singles]]
+    assert np.allclose(
+        preds[0].crop_probabilities, (preds[1].crop_probabilities + preds[2].crop_probabilities) / 2
+    )
+    assert not np.allclose(preds[1].crop_probabilities, preds[2].crop_probabilities)
+    # typicality: the median crop's best log-likelihood above the threshold, averaged over the members
+    x = extract(img, preds[0].boxes, 24)
+    mags = crop_magnification(20.0, preds[0].boxes, 24)
+    margins = [
+        g.log_likelihood(ensemble.descriptors(x, mags, member=m)).max(axis=1) - g.threshold
+        for m, g in enumerate(ensemble.gmms)
+    ]
+    assert preds[0].typicality == pytest.approx(np.median(np.mean(margins, axis=0)), rel=1e-5)
+    again = Recognizer.load(ensemble.save(tmp_path / "model"), "cpu")
+    assert np.allclose(
+        again.predict(img, 20.0, n_crops=50, batch_size=16, seed=3).distribution, preds[0].distribution
+    )
+    save_gmms(ensemble.gmms[:1], tmp_path / "model" / "gmm.json")
+    with pytest.raises(GrainlabError, match="1 open-set GMMs for the 2 networks"):
+        Recognizer.load(tmp_path / "model", "cpu")
 
 
 def test_none_threshold_is_a_percentile_of_the_held_out_crops():

@@ -32,6 +32,7 @@ FAST = [
     "recognition.predict_crops=20",
     "recognition.eval_crops=20",
     "recognition.tasks=[quiz1]",
+    "recognition.members=2",
 ]
 
 
@@ -75,7 +76,10 @@ def test_train_writes_models_metrics_and_mlflow_runs(trained):
     assert (runs["status"] == "FINISHED").all()
     assert "metrics.train/triplet_loss" in runs and "params.recognition.margin" in runs
     rec = Recognizer.load(trained / "outputs/recognition/quiz1", "cpu")  # weights_only=True inside
-    assert rec.gmm.labels[-1] == "none" and rec.px_per_um_range[0] >= 1.0
+    assert rec.labels[-1] == "none" and rec.px_per_um_range[0] >= 1.0
+    assert len(rec.nets) == len(rec.gmms) == 2
+    members = mlflow.get_run(runs.loc[runs["tags.mlflow.runName"] == "quiz1", "run_id"].iloc[0]).data.metrics
+    assert members["train/member"] == 1  # the last epoch logged was the second member's
 
 
 def test_classify_prints_distribution_and_writes_overlay(trained, capsys):
@@ -144,7 +148,7 @@ def test_pyfunc_model_answers_and_refuses_bad_payloads(trained):
     model.load_context(Context())
     img = np.random.default_rng(0).random((80, 80))
     out = model.predict(None, _payload(img, 4.0), params={"n_crops": 10})
-    assert out.loc[0, "answer"] in model.recognizer.gmm.labels
+    assert out.loc[0, "answer"] in model.recognizer.labels
     assert out.filter(like="p_").sum(axis=1).iloc[0] == pytest.approx(1.0)
     bad = [
         _payload(img, 0.0),

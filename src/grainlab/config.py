@@ -274,6 +274,7 @@ class RecognitionConfig:
     descriptor_dim: int = opt(2, lo=1, hi=512)
     margin: float = opt(1.0, lo=0.0)
     mining: str = opt("semi-hard", choices=("batch-hard", "semi-hard"))
+    members: int = opt(3, lo=1, hi=16)
     epochs: int = opt(30, lo=1)
     steps_per_epoch: int = opt(25, lo=1)
     crops_per_class: int = opt(12, lo=2)
@@ -328,6 +329,7 @@ class RecognitionTuningConfig:
     lr: tuple[float, float] = opt((5e-4, 5e-3))
     descriptor_dims: tuple[int, ...] = opt((2, 3, 4))
     epochs: int = opt(10, lo=1)
+    members: int = opt(1, lo=1, hi=16)  # the settings searched are each network's; 1 keeps trials cheap
     eval_crops: int = opt(100, lo=1)
 
 

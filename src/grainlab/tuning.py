@@ -106,6 +106,7 @@ def suggest_recognition(trial: optuna.Trial, params: Params) -> dict:
         "recognition.lr": trial.suggest_float("lr", *cfg.lr, log=True),
         "recognition.descriptor_dim": trial.suggest_categorical("descriptor_dim", list(cfg.descriptor_dims)),
         "recognition.epochs": cfg.epochs,
+        "recognition.members": cfg.members,
     }
 
 

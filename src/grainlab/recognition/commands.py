@@ -99,11 +99,12 @@ def run_train(args):
         start = time.perf_counter()
         history = {}
 
-        def on_epoch(epoch, metrics, history=history, name=name, epochs=cfg.epochs):
+        def on_epoch(step, metrics, history=history, name=name, cfg=cfg):
             history.update(metrics)
-            tracking.log_metrics(metrics, step=epoch)
+            tracking.log_metrics(metrics, step=step)
             print(
-                f"{name} epoch {epoch + 1}/{epochs}: triplet loss {metrics['train/triplet_loss']:.4f}",
+                f"{name} member {metrics['train/member'] + 1}/{cfg.members} "
+                f"epoch {step % cfg.epochs + 1}/{cfg.epochs}: triplet loss {metrics['train/triplet_loss']:.4f}",
                 flush=True,
             )
 
@@ -117,14 +118,15 @@ def run_train(args):
             tracking.set_tags({"device": str(recognizer.device)})
             model_dir = recognizer.save(out / name)
             write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
+            for m, gmm in enumerate(recognizer.gmms):
+                tracking.log_metrics({"train/none_threshold": gmm.threshold}, step=m)
             final = {
                 "train/triplet_loss": history["train/triplet_loss"],
-                "train/none_threshold": recognizer.gmm.threshold,
                 "train/seconds": time.perf_counter() - start,
             }
             tracking.log_metrics(final)
             tracking.log_artifacts(model_dir, "model")
-            log_recognizer_model(model_dir, recognizer.gmm.labels)
+            log_recognizer_model(model_dir, recognizer.labels)
         summary.update({f"{name}/{k.split('/')[-1]}": v for k, v in final.items()})
         print(f"{name}: saved {model_dir} ({final['train/seconds']:.0f} s)")
     write_json(Path(args.metrics) if args.metrics else out / "train_metrics.json", summary)
@@ -161,8 +163,8 @@ def run_classify(args):
         print(f"{label:20s} {p:6.3f}")
     print(f"answer: {pred.answer}")
     print(
-        f"typicality: {pred.typicality:.2f} (median best-class log-likelihood of the crops; "
-        f"'none' threshold {recognizer.gmm.threshold:.2f})"
+        f"typicality: {pred.typicality:.2f} (median over the crops of the best class log-likelihood "
+        "minus the 'none' threshold; below 0, most crops are 'none of these')"
     )
     if pred.extrapolating:
         lo, hi = recognizer.px_per_um_range

@@ -49,7 +49,7 @@ def run_quiz(
         recognizer.predict(img, e["px_per_um"], n_crops, batch_size, seed=seed + i, what=e["file"])
         for i, (e, img) in enumerate(zip(quiz.entries, quiz.images, strict=True))
     ]
-    return QuizResult(name, recognizer.gmm.labels, quiz, preds)
+    return QuizResult(name, recognizer.labels, quiz, preds)
 
 
 def oscr(correct: np.ndarray, known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
@@ -146,9 +146,10 @@ def plot_confusion(result: QuizResult, path: Path) -> None:
 def plot_descriptors(
     recognizer: Recognizer, result: QuizResult, path: Path, crops_per_image: int = 40, seed: int = 0
 ) -> bool:
-    """Quiz crops in descriptor space with each class's GMM log-likelihood contours and the "none"
-    threshold contour (the paper's Fig. 2). Only for 2-D descriptors; returns whether it drew."""
-    gmm = recognizer.gmm
+    """Quiz crops in the descriptor space of the first ensemble member with its class GMMs'
+    log-likelihood contours and the "none" threshold contour (the paper's Fig. 2). Only for 2-D
+    descriptors; returns whether it drew."""
+    gmm = recognizer.gmms[0]
     if gmm.means[0].shape[1] != 2:
         return False
     rng = np.random.default_rng(seed)
@@ -191,7 +192,8 @@ def plot_descriptors(
     ax.set_ylim(lo[1], hi[1])
     ax.set_xlabel("descriptor 1")
     ax.set_ylabel("descriptor 2")
-    ax.set_title(f"{result.name}: quiz crops, GMM log-likelihood contours", fontsize=9)
+    member = f", member 1 of {len(recognizer.nets)}" if len(recognizer.nets) > 1 else ""
+    ax.set_title(f"{result.name}: quiz crops, GMM log-likelihood contours{member}", fontsize=9)
     ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
     _save(fig, path)

@@ -65,17 +65,22 @@ class OpenSetGMM:
             "covariances": [c.tolist() for c in self.covariances],
         }
 
-    def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-
     @classmethod
-    def load(cls, path: Path) -> OpenSetGMM:
-        try:
-            d = json.loads(Path(path).read_text())
-            return cls(d["classes"], d["weights"], d["means"], d["covariances"], d["threshold"])
-        except (OSError, ValueError, KeyError, TypeError, np.linalg.LinAlgError) as exc:
-            raise GrainlabError(f"{path}: not a readable open-set GMM file ({exc})") from None
+    def from_dict(cls, d: dict) -> OpenSetGMM:
+        return cls(d["classes"], d["weights"], d["means"], d["covariances"], d["threshold"])
+
+
+def save_gmms(gmms: list[OpenSetGMM], path: Path) -> None:
+    """The open-set GMMs of an ensemble's members, in member order, as one JSON file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"members": [g.to_dict() for g in gmms]}, indent=1) + "\n")
+
+
+def load_gmms(path: Path) -> list[OpenSetGMM]:
+    try:
+        return [OpenSetGMM.from_dict(d) for d in json.loads(Path(path).read_text())["members"]]
+    except (OSError, ValueError, KeyError, TypeError, np.linalg.LinAlgError) as exc:
+        raise GrainlabError(f"{path}: not a readable open-set GMM file ({exc})") from None
 
 
 def fit_gmm(

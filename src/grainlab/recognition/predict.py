@@ -20,7 +20,7 @@ from grainlab.recognition.crops import (
     to_channels,
 )
 from grainlab.recognition.model import TripletNet, log_magnification
-from grainlab.recognition.openset import OpenSetGMM
+from grainlab.recognition.openset import OpenSetGMM, load_gmms, save_gmms
 
 CHECKPOINT = "model.pt"
 GMM_FILE = "gmm.json"
@@ -35,7 +35,7 @@ class Prediction:
     extrapolating: bool
     boxes: np.ndarray
     crop_probabilities: np.ndarray
-    typicality: float  # median over the crops of the best class log-likelihood; low = novel
+    typicality: float  # median over the crops of the best class log-likelihood above the "none" threshold
 
     @property
     def answer(self) -> str:
@@ -61,18 +61,23 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class Recognizer:
-    """A trained triplet network, its open-set GMMs and the crop settings it was trained with."""
+    """An ensemble of trained triplet networks, each with its own open-set GMMs (a descriptor space
+    is its network's own), and the crop settings they were trained with."""
 
-    def __init__(self, net: TripletNet, gmm: OpenSetGMM | None, meta: dict, device: torch.device):
-        self.net = net.to(device).eval()
-        self.gmm = gmm
+    def __init__(self, nets: list[TripletNet], gmms: list[OpenSetGMM], meta: dict, device: torch.device):
+        self.nets = [net.to(device).eval() for net in nets]
+        self.gmms = gmms
         self.device = device
-        self.meta = {k: v for k, v in meta.items() if k != "state_dict"}
+        self.meta = {k: v for k, v in meta.items() if k != "state_dicts"}
         self.crop_px = int(meta["crop_px"])
         self.crop_min_px = int(meta["crop_min_px"])
         self.crop_max_px = int(meta["crop_max_px"])
         self.edge_channel = bool(meta["edge_channel"])
         self.px_per_um_range = tuple(float(v) for v in meta["px_per_um_range"])
+
+    @property
+    def labels(self) -> list[str]:
+        return self.gmms[0].labels
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> Recognizer:
@@ -85,22 +90,30 @@ class Recognizer:
             )
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            net = TripletNet(**ckpt["model_args"])
-            net.load_state_dict(ckpt["state_dict"])
+            nets = []
+            for state in ckpt["state_dicts"]:
+                nets.append(TripletNet(**ckpt["model_args"]))
+                nets[-1].load_state_dict(state)
         except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
             raise GrainlabError(f"{path}: not a readable recognition checkpoint ({exc})") from None
-        return cls(net, OpenSetGMM.load(model_dir / GMM_FILE), ckpt, pick_device(device))
+        gmms = load_gmms(model_dir / GMM_FILE)
+        if len(gmms) != len(nets):
+            raise GrainlabError(
+                f"{model_dir / GMM_FILE}: {len(gmms)} open-set GMMs for the {len(nets)} networks of {path}; "
+                "expected one per network"
+            )
+        return cls(nets, gmms, ckpt, pick_device(device))
 
     def save(self, model_dir: str | Path) -> Path:
         """Write model.pt (plain tensors and values, readable with weights_only=True) and gmm.json,
         staged so that a failed write leaves the old folder (or none), never half a model."""
         model_dir = Path(model_dir)
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        states = [{k: v.detach().cpu() for k, v in net.state_dict().items()} for net in self.nets]
         buffer = io.BytesIO()  # serialised in memory: torch's file writer hides a full disk's OSError
-        torch.save({**self.meta, "state_dict": state}, buffer)
+        torch.save({**self.meta, "state_dicts": states}, buffer)
         with staged_dir(model_dir) as tmp:
             write_bytes(tmp / CHECKPOINT, buffer.getbuffer())
-            self.gmm.save(tmp / GMM_FILE)
+            save_gmms(self.gmms, tmp / GMM_FILE)
         return model_dir
 
     def extrapolates(self, px_per_um: float) -> bool:
@@ -108,12 +121,32 @@ class Recognizer:
         return not lo <= px_per_um <= hi
 
     @torch.inference_mode()
-    def descriptors(self, crops: np.ndarray, crop_px_per_um: np.ndarray) -> np.ndarray:
-        """(n, h, w) resampled crops and their px/um -> (n, dim) descriptors."""
+    def descriptors(self, crops: np.ndarray, crop_px_per_um: np.ndarray, member: int = 0) -> np.ndarray:
+        """(n, h, w) resampled crops and their px/um -> (n, dim) descriptors of one member network."""
+        return self._descriptors(self._inputs(crops, crop_px_per_um), self.nets[member])
+
+    def _inputs(self, crops: np.ndarray, crop_px_per_um: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_channels(torch.from_numpy(crops).to(self.device), self.edge_channel)
+        return x, log_magnification(crop_px_per_um).to(self.device)
+
+    @torch.inference_mode()
+    def _descriptors(self, inputs: tuple[torch.Tensor, torch.Tensor], net: TripletNet) -> np.ndarray:
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            z = self.net(x, log_magnification(crop_px_per_um).to(self.device))
+            z = net(*inputs)
         return z.float().cpu().numpy()
+
+    def crop_probabilities(
+        self, crops: np.ndarray, crop_px_per_um: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, labels) probabilities of each crop, averaged over the members, and (n,) how far each
+        crop's best class log-likelihood lies above the "none" threshold, averaged likewise."""
+        inputs = self._inputs(crops, crop_px_per_um)
+        probs, margins = 0.0, 0.0
+        for net, gmm in zip(self.nets, self.gmms, strict=True):
+            ll = gmm.log_likelihood(self._descriptors(inputs, net))
+            probs = probs + gmm.probabilities(ll)
+            margins = margins + ll.max(axis=1) - gmm.threshold
+        return probs / len(self.nets), margins / len(self.nets)
 
     def predict(
         self,
@@ -129,15 +162,17 @@ class Recognizer:
         check_size(img.shape, self.crop_min_px, what)
         rng = np.random.default_rng(seed)
         boxes = sample_boxes(rng, img.shape, n_crops, self.crop_min_px, self.crop_max_px)
-        ll = []
+        probs, margins = [], []
         for i in range(0, n_crops, batch_size):
             b = boxes[i : i + batch_size]
-            z = self.descriptors(extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px))
-            ll.append(self.gmm.log_likelihood(z))
-        ll = np.concatenate(ll)
-        probs = self.gmm.probabilities(ll)
-        typicality = float(np.median(ll.max(axis=1)))
-        return Prediction(self.gmm.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs, typicality)
+            p, margin = self.crop_probabilities(
+                extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px)
+            )
+            probs.append(p)
+            margins.append(margin)
+        probs = np.concatenate(probs)
+        typicality = float(np.median(np.concatenate(margins)))
+        return Prediction(self.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs, typicality)
 
 
 def saliency_map(shape, boxes: np.ndarray, crop_probabilities: np.ndarray) -> np.ndarray:

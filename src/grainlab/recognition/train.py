@@ -65,26 +65,45 @@ def sample_crops(
     return crops, mags
 
 
-def build_network(cfg: RecognitionConfig) -> tuple[TripletNet, dict]:
-    args = {
+def network_args(cfg: RecognitionConfig) -> dict:
+    return {
         "in_channels": 2 if cfg.edge_channel else 1,
         "widths": list(cfg.widths),
         "descriptor_dim": cfg.descriptor_dim,
         "use_magnification": cfg.use_magnification,
         "magnification_mode": cfg.magnification_mode,
     }
-    return TripletNet(**args), args
 
 
 def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on_epoch=None) -> Recognizer:
-    """Train the network on `data` and fit the GMMs; on_epoch(epoch, metrics) is called after each epoch."""
+    """Train `cfg.members` networks (member m from seed + m) and fit each one's GMMs.
+
+    on_epoch(step, metrics) is called after each epoch; steps run on across the members."""
     for e, img in zip(data.entries, data.images, strict=True):
         check_size(img.shape, cfg.crop_min_px, e["file"])
+    device = pick_device(cfg.device)
+    meta = _meta(network_args(cfg), cfg, data)
+    nets, gmms = [], []
+    for m in range(cfg.members):
+        report = None
+        if on_epoch is not None:
+
+            def report(epoch, metrics, m=m):
+                on_epoch(m * cfg.epochs + epoch, {**metrics, "train/member": m})
+
+        net = train_network(cfg, data, seed + m, device, report)
+        nets.append(net)
+        gmms.append(fit_open_set(Recognizer([net], [], meta, device), data, cfg, seed + m))
+    return Recognizer(nets, gmms, meta, device)
+
+
+def train_network(
+    cfg: RecognitionConfig, data: LabelledImages, seed: int, device, on_epoch=None
+) -> TripletNet:
+    """One triplet network trained on class-balanced batches of augmented crops."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
-    device = pick_device(cfg.device)
-    net, args = build_network(cfg)
-    net.to(device)
+    net = TripletNet(**network_args(cfg)).to(device)
     augmenter = build_augmenter(cfg.augment, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
@@ -115,16 +134,15 @@ def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on
                     "train/epoch_seconds": time.perf_counter() - start,
                 },
             )
-    recognizer = Recognizer(net, None, _meta(args, cfg, data), device)
-    recognizer.gmm = fit_open_set(recognizer, data, cfg, seed)
-    return recognizer
+    return net.eval()
 
 
 def fit_open_set(
     recognizer: Recognizer, data: LabelledImages, cfg: RecognitionConfig, seed: int
 ) -> OpenSetGMM:
-    """One GaussianMixture per class on descriptors of un-augmented training crops; the "none"
-    threshold from a percentile of the likelihoods of a second, held-out set of crops."""
+    """One GaussianMixture per class on descriptors of un-augmented training crops (of the
+    recognizer's first network); the "none" threshold from a percentile of the likelihoods of a
+    second, held-out set of crops."""
 
     def crop_descriptors(rng_key: int):
         rng = np.random.default_rng([seed, rng_key])
