@@ -120,7 +120,6 @@ class Recognizer:
         lo, hi = self.px_per_um_range
         return not lo <= px_per_um <= hi
 
-    @torch.inference_mode()
     def descriptors(self, crops: np.ndarray, crop_px_per_um: np.ndarray, member: int = 0) -> np.ndarray:
         """(n, h, w) resampled crops and their px/um -> (n, dim) descriptors of one member network."""
         return self._descriptors(self._inputs(crops, crop_px_per_um), self.nets[member])
