@@ -3,7 +3,8 @@
 Training runs grainlab's own hot loop (`train.train_epoch`) over its own data path
 (`CropSampler`, `CropDataset` with the configured augmentation, a DataLoader built as
 `train_boundaries` builds it: the profile's batch size and workers; bf16 autocast on CUDA
-and AMX CPUs (`uses_bf16`); channels-last and pinned memory on CUDA; `torch.compile` with
+and CPUs with native bf16 (`uses_bf16`); channels-last (`trains_channels_last`); pinned
+memory on CUDA; `torch.compile` with
 `--set boundaries.compile=true`). The plain reference: batch 1 through
 DataLoader(num_workers=0), fp32, same model, data, loss and optimizer.
 
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model, sync
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
-from grainlab.boundaries.infer import predict_probability, uses_bf16
+from grainlab.boundaries.infer import predict_probability, trains_channels_last, uses_bf16
 from grainlab.boundaries.losses import make_loss
 from grainlab.boundaries.train import crop_loader, train_epoch, training_network
 from grainlab.boundaries.unet import UNetArgs, build_unet
@@ -137,7 +138,7 @@ def train_figures(
     detail = (
         f"batch {batch}, workers {cfg.workers}"
         + (", bf16 autocast" if uses_bf16(device) else ", fp32")
-        + (", channels-last" if device.type == "cuda" else "")
+        + (", channels-last" if trains_channels_last(device) else "")
         + (", torch.compile" if cfg.compile else "")
     )
     figures = [

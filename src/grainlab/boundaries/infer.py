@@ -2,13 +2,14 @@
 
 Tiles of at most `tile_px` overlap by a margin of `tile_overlap` x `tile_px` px, are spread
 evenly over the image and blended with raised-cosine ramps over the margin (so tile seams
-leave no trace), and run through the network in batches. The U-Net is fully
-convolutional, so an inference tile may be larger than the training crops; larger tiles
-waste less work on overlaps. Inference runs on a copy of the network with BatchNorm
-folded into the convolutions, in channels-last memory and `torch.inference_mode`; on the
-CPU whole tiles run side by side in threads (one intra-op thread each); on CUDA with pinned
-host memory and non-blocking copies. Both run in bf16 autocast where the hardware does bf16
-natively: CUDA, and CPUs with AMX (see `uses_bf16`).
+leave no trace). The U-Net is fully convolutional, so an inference tile may be larger than
+the training crops; larger tiles waste less work on overlaps. Inference runs on a copy of
+the network with BatchNorm folded into the convolutions, in channels-last memory and
+`torch.inference_mode`. On CUDA tiles run `tile_batch` at a time, with pinned host memory
+and non-blocking copies; on the CPU one tile at a time in each of one thread per core (one
+intra-op thread each), which keeps each core's working set in its cache. Both run in bf16
+autocast where the hardware does bf16 natively: CUDA, and CPUs with AMX or AVX512-BF16
+(see `uses_bf16`).
 """
 
 from __future__ import annotations
@@ -32,24 +33,41 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids)."""
+    return _cpu_feature("_is_amx_tile_supported")
+
+
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has AMX tiles, on which oneDNN runs bf16 convolutions natively (the
-    only CPU kind where bf16 was measured faster, benchmarks/RESULTS.md)."""
+    """Whether this CPU computes in bf16 natively, with AMX tiles or AVX512-BF16 instructions
+    (AMD Zen 4 and later): oneDNN's bf16 convolutions ran about twice as fast as fp32 on both
+    kinds (benchmarks/RESULTS.md). Elsewhere bf16 is emulated and slower."""
+    return cpu_has_amx() or _cpu_feature("_is_avx512_bf16_supported")
+
+
+def _cpu_feature(name: str) -> bool:
     try:
-        return torch.cpu._is_amx_tile_supported()
+        return bool(getattr(torch.cpu, name)())
     except AttributeError:
         return False
 
 
 def uses_bf16(device: torch.device) -> bool:
     """bf16 autocast for the U-Net: the environment variable GRAINLAB_PRECISION chooses;
-    `auto` (the default) means on CUDA and on CPUs with AMX, fp32 elsewhere."""
+    `auto` (the default) means on CUDA and on CPUs with native bf16 (`cpu_has_bf16`), fp32 elsewhere."""
     choice = os.environ.get("GRAINLAB_PRECISION", "auto")
     if choice not in PRECISIONS:
         raise GrainlabError(f"GRAINLAB_PRECISION = {choice!r}: expected one of {', '.join(PRECISIONS)}")
     if choice != "auto":
         return choice == "bf16"
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
+def trains_channels_last(device: torch.device) -> bool:
+    """Whether the U-Net trains in channels-last memory: on CUDA, and on the CPU except bf16
+    on AMX, where NCHW was faster (benchmarks/RESULTS.md)."""
+    return not (device.type == "cpu" and cpu_has_amx() and uses_bf16(device))
 
 
 def mixed_precision(device: torch.device) -> torch.autocast:
@@ -205,7 +223,8 @@ def run_network(model: LoadedModel, batch: torch.Tensor, net: nn.Module | None =
 def _tile_workers(device: torch.device, n_tiles: int) -> int:
     """Threads that each run whole tiles with one intra-op thread (CPU only). The demo-size
     U-Net's convolutions are too small to split well across cores, and whole tiles side by
-    side kept both cores busy at about twice the rate."""
+    side kept both cores busy at about twice the rate; one tile per forward pass ran faster
+    than four (benchmarks/RESULTS.md)."""
     if device.type != "cpu" or n_tiles < 2:
         return 1
     return max(1, min(torch.get_num_threads(), n_tiles))
@@ -238,9 +257,10 @@ def predict_logits(
     """Boundary logits (H, W) float32 for a float image of any size, tiles blended in logit space.
 
     Tiles of at most `tile` px overlapping by at least `overlap` x `tile` px are spread evenly
-    over the image (see `tile_layout`) and run `batch_size` at a time. Memory beyond the
-    image and the output is one batch of tiles: tiles are cut as they are needed and
-    their blending weights are separable, so no full-size weight map exists.
+    over the image (see `tile_layout`) and run `batch_size` at a time on CUDA, one at a time
+    per thread on the CPU. Memory beyond the image and the output is a few tiles: tiles are
+    cut as they are needed and their blending weights are separable, so no full-size weight
+    map exists.
     """
     chw = to_channels(np.asarray(image, dtype=np.float32), model.in_channels)
     _, h, w = chw.shape
@@ -264,7 +284,7 @@ def predict_logits(
     corners = [(y, x) for y in ys for x in xs]
     pin = model.device.type == "cuda"
     workers = _tile_workers(model.device, len(corners))
-    step = batch_size if workers == 1 else max(1, -(-batch_size // workers))
+    step = batch_size if model.device.type == "cuda" else 1
     groups = [corners[i : i + step] for i in range(0, len(corners), step)]
 
     def weighted_tiles(group: list[tuple[int, int]]) -> np.ndarray:

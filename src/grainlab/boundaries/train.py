@@ -17,6 +17,7 @@ with or without an interruption and `resume` in between.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from grainlab import tracking
+from grainlab.boundaries.cpu_parallel import SplitBatch, cpu_parts
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
 from grainlab.boundaries.evaluate import model_tracer, postprocess_settings, score_items, summarise
 from grainlab.boundaries.grains import label_grains, trace_boundaries
@@ -39,6 +42,7 @@ from grainlab.boundaries.infer import (
     pick_device,
     predict_logits,
     read_checkpoint,
+    trains_channels_last,
     uses_bf16,
 )
 from grainlab.boundaries.losses import make_loss
@@ -154,13 +158,18 @@ def _check_resume_params(saved: dict, params: Params, path: Path):
 
 
 def training_network(cfg: BoundaryConfig, device: torch.device):
-    """(net, train_net, optimizer): the U-Net on the device (channels-last on CUDA), the module
-    that trains it (torch.compile'd with boundaries.compile, sharing net's weights) and its Adam."""
+    """(net, train_net, optimizer): the U-Net on the device (channels-last where
+    `trains_channels_last`), what trains it and its Adam. What trains it shares net's weights:
+    net itself, net torch.compile'd (boundaries.compile), or on a multi-core CPU a
+    `SplitBatch` of net (see `cpu_parallel`)."""
     net = build_unet(UNetArgs(**to_dict(cfg.unet))).to(device)
-    if device.type == "cuda":
+    if trains_channels_last(device):
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    return net, (torch.compile(net) if cfg.compile else net), optimizer
+    if cfg.compile:
+        return net, torch.compile(net), optimizer
+    parts = cpu_parts(device, cfg.batch_size)
+    return net, (SplitBatch(net, parts) if parts > 1 else net), optimizer
 
 
 def crop_loader(
@@ -178,23 +187,29 @@ def crop_loader(
     )
 
 
+def forward_backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, device) -> torch.Tensor:
+    """The batch's loss (detached); its gradients are added to the parameters' .grad."""
+    with mixed_precision(device):
+        logits = net(x)
+    loss = loss_fn(logits.float(), y)
+    loss.backward()
+    return loss.detach()
+
+
 def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
     """One pass over the loader; the mean training loss. Losses stay on the device until the end
     of the epoch (no per-step host sync, so the GPU never waits on Python), then the first
-    non-finite one, if any, is reported with its step."""
+    non-finite one, if any, is reported with its step. `net` is what `training_network` returns."""
     net.train()
+    step = net.forward_backward if isinstance(net, SplitBatch) else functools.partial(forward_backward, net)
     losses, sizes = [], []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":  # on the CPU, NCHW trains faster (benchmarks/RESULTS.md)
+        if trains_channels_last(device):
             x = x.to(memory_format=torch.channels_last)
-        with mixed_precision(device):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(step(x, y, loss_fn, device))
         optimizer.step()
-        losses.append(loss.detach())
         sizes.append(len(x))
     if not losses:
         return float("nan")
@@ -344,6 +359,7 @@ def train_boundaries(
             loss=loss,
             device=device_name(device),
             precision="bf16 autocast" if uses_bf16(device) else "fp32",
+            batch_parts=len(train_net.replicas) if isinstance(train_net, SplitBatch) else 1,
             stage="boundary-train",
         ),
         **(run_tags or {}),

@@ -37,6 +37,20 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+class ChannelDropout(nn.Dropout2d):
+    """nn.Dropout2d that draws its channel mask from `generator` when one is set (a training
+    thread's own, see `cpu_parallel.SplitBatch`), else from torch's global generator."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or not self.training or self.p == 0:
+            return super().forward(x)
+        keep = torch.empty(x.shape[:2] + (1, 1), device=x.device)
+        keep.bernoulli_(1 - self.p, generator=self.generator).div_(1 - self.p)
+        return x * keep.to(x.dtype)
+
+
 class DoubleConv(nn.Sequential):
     """Two 3x3 convolutions, each followed by normalisation and ReLU; optional dropout."""
 
@@ -50,7 +64,7 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True),
         ]
         if dropout > 0:
-            layers.append(nn.Dropout2d(dropout))
+            layers.append(ChannelDropout(dropout))
         super().__init__(*layers)
 
 
