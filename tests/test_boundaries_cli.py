@@ -122,6 +122,28 @@ def test_study_writes_table_grid_and_answers(workdir, capsys):
     for name in ("poster_grid.png", "gsd-toy.png", "gsd-toy2.png", "study.json"):
         assert (report / name).is_file(), name
     assert set(json.loads((report / "study.json").read_text())) == {"baseline", "toy/bce", "toy2/bce"}
+    # the size distributions are the last snapshot's test tracings: those of the final weights
+    from grainlab.boundaries.evaluate import model_tracer
+    from grainlab.boundaries.grains import equivalent_diameters
+    from grainlab.boundaries.infer import load_model
+    from grainlab.boundaries.train import snapshot_diameters, test_items
+    from grainlab.config import load_params
+    from grainlab.images import read_image
+
+    run = workdir / "outputs/boundaries/toy2-bce"
+    params = load_params(None, TINY)
+    tracer = model_tracer(load_model(run / "checkpoints/last.pt"), params.boundaries)
+    traced = [tracer(read_image(item.image, channels="grey")) for item in test_items(params)]
+    expected = np.concatenate([equivalent_diameters(t.grains) for t in traced])
+    got = snapshot_diameters(run, 2)
+    assert len(expected) > 0 and got.shape == expected.shape and np.allclose(got, expected, atol=1e-3)
+    assert len(snapshot_diameters(run, 1)) > 0
+    # a run without them (made by an older grainlab) is a clear error, not a traceback
+    (run / "snapshots/epoch-002-grain-diameters.csv").unlink()
+    assert grainlab("boundaries", "study", "--from-runs", "--out", "report2", *study) == 2
+    out = capsys.readouterr().out
+    assert "epoch-002-grain-diameters.csv: not found" in out and "train it again" in out
+    assert not (workdir / "report2").exists()
 
 
 @pytest.mark.slow

@@ -51,20 +51,20 @@ def baseline_tracer(cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
     return trace
 
 
-def trace_items(
-    tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str
-) -> list[Tracing]:
-    """The tracer's result for each test item, one thread per core."""
-    return parallel_map(lambda item: tracer(read_image(item.image, channels=channels)), items)
-
-
 def score_items(
-    tracer: Callable[[np.ndarray], Tracing], items: list[TestItem], channels: str, tolerance: int
+    tracer: Callable[[np.ndarray], Tracing],
+    items: list[TestItem],
+    channels: str,
+    tolerance: int,
+    on_traced: Callable[[TestItem, Tracing], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Per-image metrics of a tracer on test items (each row also names its image)."""
+    """Per-image metrics of a tracer on test items (each row also names its image), one thread
+    per core; on_traced(item, result), if given, sees each tracing in its worker thread."""
 
     def score(item: TestItem) -> dict:
         result = tracer(read_image(item.image, channels=channels))
+        if on_traced is not None:
+            on_traced(item, result)
         truth = read_mask(item.boundaries)
         scores = score_tracing(result.tracing, result.grains, truth, read_labels(item.grains), tolerance)
         return {"image": item.name, **scores}

@@ -5,7 +5,8 @@ Writes into the report folder:
                     (quality vs quantity; which loss traces best) with numbers
     study.json      the final-epoch test metrics of every run and of the baseline (for DVC)
     poster_grid.png rows loss x dataset; columns the test prediction at each snapshot, loss curves
-    gsd-<dataset>.png grain-size distributions (equivalent diameters) of each loss vs the truth
+    gsd-<dataset>.png grain-size distributions (equivalent diameters) of each loss at its last
+                    snapshot epoch vs the truth
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from grainlab.boundaries.evaluate import baseline_tracer, model_tracer, score_items, summarise, trace_items
+from grainlab.boundaries.evaluate import baseline_tracer, score_items, summarise
 from grainlab.boundaries.figures import write_poster_grid, write_size_distributions
 from grainlab.boundaries.grains import equivalent_diameters
-from grainlab.boundaries.infer import load_model
-from grainlab.boundaries.train import OUTPUT_ROOT, load_result, test_items, train_boundaries
+from grainlab.boundaries.train import (
+    OUTPUT_ROOT,
+    load_result,
+    snapshot_diameters,
+    test_items,
+    train_boundaries,
+)
 from grainlab.config import Params
 from grainlab.errors import GrainlabError
 from grainlab.images import atomic_path, read_image, read_labels, write_json
@@ -121,17 +127,19 @@ def run_study(
                 result = train_boundaries(params, dataset, loss, out_root=runs_root, log_model=log_models)
             else:
                 result = load_result(runs_root / f"{dataset}-{loss}")
-            model = load_model(result.out_dir / "checkpoints" / "last.pt")
-            tracer = model_tracer(model, cfg)
-            traced = trace_items(tracer, items, channels)
-            sizes.setdefault(dataset, {})[loss] = np.concatenate(
-                [equivalent_diameters(t.grains) for t in traced]
-            )
+            last_snapshot = None
             for row in result.history:
                 if row["epoch"] in cfg.snapshot_epochs:
                     scores = {k[5:]: v for k, v in row.items() if k.startswith("test/")}
                     table.append(_row([dataset, loss, str(row["epoch"])], scores))
                     final[(dataset, loss)] = scores
+                    last_snapshot = row["epoch"]
+            if last_snapshot is None:
+                raise GrainlabError(
+                    f"{result.out_dir}: the run reached none of boundaries.snapshot_epochs "
+                    f"{cfg.snapshot_epochs}, so it has no test scores; train it again with these params"
+                )
+            sizes.setdefault(dataset, {})[loss] = snapshot_diameters(result.out_dir, last_snapshot)
             snaps = [
                 (e, read_image(result.out_dir / "snapshots" / f"epoch-{e:03d}-probability.png"))
                 for e in cfg.snapshot_epochs

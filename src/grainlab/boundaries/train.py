@@ -5,7 +5,7 @@ A run writes into outputs/boundaries/<dataset>-<loss>/:
     checkpoints/last.pt    written after each validation (every boundaries.eval_every epochs,
                            atomically): model, optimizer, RNG states,
                            epoch, history, params and the MLflow run id; `resume` goes on from it
-    snapshots/             test-image predictions at the snapshot epochs
+    snapshots/             test-image predictions and test grain diameters at the snapshot epochs
     history.csv            per-epoch curves (for `dvc plots`)
     metrics.json           final validation metrics and test metrics per snapshot (for DVC)
     loss_curve.png
@@ -35,7 +35,7 @@ from grainlab import tracking
 from grainlab.boundaries.cpu_parallel import SplitBatch, cpu_parts
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
 from grainlab.boundaries.evaluate import model_tracer, postprocess_settings, score_items, summarise
-from grainlab.boundaries.grains import label_grains, trace_boundaries
+from grainlab.boundaries.grains import equivalent_diameters, label_grains, trace_boundaries
 from grainlab.boundaries.infer import (
     LoadedModel,
     mixed_precision,
@@ -55,7 +55,6 @@ from grainlab.images import (
     atomic_path,
     ensure_writable,
     parallel_map,
-    read_image,
     worker_threads,
     write_bytes,
     write_image,
@@ -280,16 +279,36 @@ def validate(model: LoadedModel, samples, truths, loss_fn, params: Params) -> di
 def write_snapshot(
     model: LoadedModel, params: Params, items: list, out_dir: Path, epoch: int
 ) -> dict[str, float]:
-    """Predict the held-out test image (written as PNGs) and score the test set at this epoch."""
+    """Score the test set at this epoch. Writes into snapshots/ the prediction of the held-out
+    test image (probability and tracing PNGs) and the equivalent diameter of every grain
+    traced in the test set (grain-diameters CSV: the study's size distributions)."""
     cfg = params.boundaries
+    shown = items[min(cfg.test_image, len(items) - 1)]
+    snapshots = out_dir / "snapshots"
+    diameters = {}
+
+    def keep(item, result):
+        diameters[item.name] = equivalent_diameters(result.grains)
+        if item is shown:
+            write_image(snapshots / f"epoch-{epoch:03d}-probability.png", result.probability)
+            write_mask(snapshots / f"epoch-{epoch:03d}-tracing.png", result.tracing)
+
     channels = "rgb" if model.in_channels == 3 else "grey"
-    tracer = model_tracer(model, cfg)
-    item = items[min(cfg.test_image, len(items) - 1)]
-    result = tracer(read_image(item.image, channels=channels))
-    write_image(out_dir / "snapshots" / f"epoch-{epoch:03d}-probability.png", result.probability)
-    write_mask(out_dir / "snapshots" / f"epoch-{epoch:03d}-tracing.png", result.tracing)
-    rows = score_items(tracer, items, channels, cfg.tolerance_px)
+    rows = score_items(model_tracer(model, cfg), items, channels, cfg.tolerance_px, keep)
+    with atomic_path(snapshots / f"epoch-{epoch:03d}-grain-diameters.csv") as tmp, open(tmp, "w") as f:
+        f.write("image,diameter_px\n")
+        f.writelines(f"{item.name},{d:.3f}\n" for item in items for d in diameters[item.name])
     return {f"test/{k}": v for k, v in summarise(rows).items()}
+
+
+def snapshot_diameters(out_dir: Path, epoch: int) -> np.ndarray:
+    """The equivalent diameters (px) of the test grains a run traced at a snapshot epoch."""
+    path = Path(out_dir) / "snapshots" / f"epoch-{epoch:03d}-grain-diameters.csv"
+    if not path.is_file():
+        raise GrainlabError(
+            f"{path}: not found; the run in {out_dir} did not keep its test grain sizes, train it again"
+        )
+    return np.loadtxt(path, delimiter=",", skiprows=1, usecols=1, ndmin=1)
 
 
 def write_history(out_dir: Path, history: list[dict]):
