@@ -248,8 +248,9 @@ def infer_figure(
         "MP/s",
         mp / t_fast,
         mp / t_ref,
-        f"{profile} U-Net, {detail}; grainlab tile {cfg.tile_px} px, overlap {cfg.tile_overlap}, batch "
-        f"{cfg.tile_batch}, {'bf16 autocast' if uses_bf16(device) else 'fp32'}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
+        f"{profile} U-Net, {detail}; grainlab tile {cfg.tile_px} px, overlap {cfg.tile_overlap}, "
+        + (f"batch {cfg.tile_batch}" if device.type == "cuda" else "one tile at a time per thread")
+        + f", {'bf16 autocast' if uses_bf16(device) else 'fp32'}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
         {
             "megapixels": mp,
             "tile_px": cfg.tile_px,

@@ -84,8 +84,9 @@ def memory_figures(params_path: str, profile: str, size: int, device: torch.devi
     working = r["peak_rss_mib"] - r["rss_before_mib"]
     detail = (
         f"{profile} U-Net, {size}x{size} grey float32 image ({r['image_mib']:.0f} MiB) -> probability map "
-        f"({r['output_mib']:.0f} MiB); tile {r['tile_px']} px, overlap {r['tile_overlap']}, batch "
-        f"{r['tile_batch']}; child process, VmHWM; {r['seconds']:.1f} s = {size * size / 1e6 / r['seconds']:.2f} MP/s"
+        f"({r['output_mib']:.0f} MiB); tile {r['tile_px']} px, overlap {r['tile_overlap']}, "
+        + (f"batch {r['tile_batch']}" if device.type == "cuda" else "one tile at a time per thread")
+        + f"; child process, VmHWM; {r['seconds']:.1f} s = {size * size / 1e6 / r['seconds']:.2f} MP/s"
     )
     figures = [
         Figure(
