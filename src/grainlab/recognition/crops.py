@@ -55,12 +55,17 @@ def extract(img: np.ndarray, boxes: np.ndarray, out_px: int) -> np.ndarray:
 
     def work(part: np.ndarray):
         for i in part:
-            top, left, s = boxes[i]
-            interp = cv2.INTER_AREA if s > out_px else cv2.INTER_LINEAR
-            out[i] = cv2.resize(img[top : top + s, left : left + s], (out_px, out_px), interpolation=interp)
+            out[i] = resample(img, boxes[i], out_px)
 
     parallel_map(work, np.array_split(np.arange(len(boxes)), worker_threads(len(boxes))))
     return out
+
+
+def resample(img: np.ndarray, box: np.ndarray, out_px: int) -> np.ndarray:
+    """One box (top, left, side) of a grey image resampled to (out_px, out_px) float32."""
+    top, left, s = box
+    interp = cv2.INTER_AREA if s > out_px else cv2.INTER_LINEAR
+    return cv2.resize(img[top : top + s, left : left + s], (out_px, out_px), interpolation=interp)
 
 
 def crop_magnification(px_per_um: float, boxes: np.ndarray, out_px: int) -> np.ndarray:

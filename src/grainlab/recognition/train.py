@@ -14,7 +14,7 @@ from grainlab.datasets.microstructures import load_manifest, select
 from grainlab.errors import GrainlabError
 from grainlab.images import read_image
 from grainlab.recognition.augment import augment, build_augmenter
-from grainlab.recognition.crops import check_size, crop_magnification, extract, sample_boxes, to_channels
+from grainlab.recognition.crops import check_size, crop_magnification, resample, sample_boxes, to_channels
 from grainlab.recognition.model import TripletNet, log_magnification, triplet_loss
 from grainlab.recognition.openset import OpenSetGMM, fit_gmm
 from grainlab.recognition.predict import Recognizer, pick_device
@@ -60,7 +60,7 @@ def sample_crops(
     for i, k in enumerate(image_ids):
         img = data.images[k]
         box = sample_boxes(rng, img.shape, 1, cfg.crop_min_px, cfg.crop_max_px)
-        crops[i] = extract(img, box, cfg.crop_px)[0]
+        crops[i] = resample(img, box[0], cfg.crop_px)
         mags[i] = crop_magnification(data.px_per_um[k], box, cfg.crop_px)[0]
     return crops, mags
 
