@@ -27,6 +27,7 @@ from grainlab.boundaries.infer import (
     predict_logits,
     predict_probability,
     tile_layout,
+    trains_channels_last,
     uses_bf16,
 )
 from grainlab.boundaries.metrics import (
@@ -288,3 +289,18 @@ def test_cuda_inference_in_bf16_channels_last_matches_cpu(tmp_path):
     cpu = predict_probability(load_model(path, torch.device("cpu")), image, tile=64)
     gpu = predict_probability(load_model(path, torch.device("cuda")), image, tile=64)
     assert np.abs(cpu - gpu).max() < 0.05
+
+
+def test_training_memory_format_follows_the_hardware(monkeypatch):
+    from grainlab.boundaries import infer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(infer, "cpu_has_amx", lambda: True)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "bf16")
+    assert not trains_channels_last(cpu)  # bf16 on AMX: NCHW measured faster
+    assert trains_channels_last(cuda)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "fp32")
+    assert trains_channels_last(cpu)
+    monkeypatch.setattr(infer, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv("GRAINLAB_PRECISION", "bf16")
+    assert trains_channels_last(cpu)
