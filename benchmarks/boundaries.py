@@ -22,7 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ROOT, Figure, GpuUtilisation, Skipped, best_times, inference_model, sync
+from benchmarks.common import (
+    ROOT,
+    Figure,
+    GpuUtilisation,
+    Skipped,
+    best_times,
+    inference_model,
+    sync,
+    tiles_per_pass,
+)
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
 from grainlab.boundaries.infer import predict_probability, trains_channels_last, uses_bf16
 from grainlab.boundaries.losses import make_loss
@@ -249,7 +258,7 @@ def infer_figure(
         mp / t_fast,
         mp / t_ref,
         f"{profile} U-Net, {detail}; grainlab tile {cfg.tile_px} px, overlap {cfg.tile_overlap}, "
-        + (f"batch {cfg.tile_batch}" if device.type == "cuda" else "one tile at a time per thread")
+        + tiles_per_pass(device, cfg.tile_batch)
         + f", {'bf16 autocast' if uses_bf16(device) else 'fp32'}; reference {REFERENCE_TILE} px tiles one at a time, no overlap, fp32, no inference_mode",
         {
             "megapixels": mp,

@@ -50,6 +50,11 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def tiles_per_pass(device: torch.device, tile_batch: int) -> str:
+    """How tiled inference batches its tiles on this device (see `boundaries.infer.predict_logits`)."""
+    return f"batch {tile_batch}" if device.type == "cuda" else "one tile at a time per thread"
+
+
 def best_times(
     fns: list[Callable[[], object]],
     repeats: int,

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, Figure, inference_model
+from benchmarks.common import ROOT, Figure, inference_model, tiles_per_pass
 
 
 def _status_mib(field: str) -> float:
@@ -85,7 +85,7 @@ def memory_figures(params_path: str, profile: str, size: int, device: torch.devi
     detail = (
         f"{profile} U-Net, {size}x{size} grey float32 image ({r['image_mib']:.0f} MiB) -> probability map "
         f"({r['output_mib']:.0f} MiB); tile {r['tile_px']} px, overlap {r['tile_overlap']}, "
-        + (f"batch {r['tile_batch']}" if device.type == "cuda" else "one tile at a time per thread")
+        + tiles_per_pass(device, r["tile_batch"])
         + f"; child process, VmHWM; {r['seconds']:.1f} s = {size * size / 1e6 / r['seconds']:.2f} MP/s"
     )
     figures = [

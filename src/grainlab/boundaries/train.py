@@ -201,10 +201,11 @@ def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
     non-finite one, if any, is reported with its step. `net` is what `training_network` returns."""
     net.train()
     step = net.forward_backward if isinstance(net, SplitBatch) else functools.partial(forward_backward, net)
+    channels_last = trains_channels_last(device)
     losses, sizes = [], []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if trains_channels_last(device):
+        if channels_last:
             x = x.to(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         losses.append(step(x, y, loss_fn, device))
