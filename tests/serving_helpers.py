@@ -12,11 +12,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -160,3 +162,45 @@ def image_base64(array, fmt: str = "PNG") -> str:
 
 def png_base64(array) -> str:
     return image_base64(array, "PNG")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (the `mlflow models serve` CLI and
+    the uvicorn server it starts); shared pages count once per process, so this errs high."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PeakRSS:
+    """Samples tree_rss(pid) every `every` seconds in a thread while the block runs: .idle (bytes
+    before the block) and .peak (the highest sample)."""
+
+    def __init__(self, pid: int, every: float = 0.05):
+        self.pid, self.every = pid, every
+        self.idle = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def __enter__(self):
+        self.idle = self.peak = tree_rss(self.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss(self.pid))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from grainlab import tracking
 from grainlab.boundaries import train as train_mod
 from grainlab.boundaries.infer import read_checkpoint
 from grainlab.boundaries.train import train_boundaries
@@ -73,8 +74,23 @@ def test_train_writes_outputs_and_mlflow_run(workdir):
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]
     ckpt = read_checkpoint(out / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["run_id"] == result.run_id
+    assert ckpt["epoch"] == 2 and json.loads((out / "run.json").read_text())["run_id"] == result.run_id
     assert ckpt["params"]["boundaries"]["unet"]["base_channels"] == 4
+    # The UI opens the experiment on its runs table, and the Dataset column names the recipe.
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert dataset.name == "toy" and dataset.digest == tracking.data_md5()
+    assert "time/epoch_s" in run.data.metrics
+
+
+def test_dvc_outputs_are_byte_identical_across_identical_runs(workdir):
+    """No epoch time or run id in what DVC hashes: the same code and params give the same dvc.lock."""
+    runs = [train_boundaries(params(), "toy", "bce", out_root=workdir / r, log_model=False) for r in "ab"]
+    assert runs[0].run_id != runs[1].run_id
+    for name in ("checkpoints/last.pt", "history.csv", "metrics.json", "loss_curve.png"):
+        a, b = ((r.out_dir / name).read_bytes() for r in runs)
+        assert a == b, name
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(workdir, monkeypatch):
@@ -95,7 +111,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(workdir, monkeypa
     with pytest.raises(KeyboardInterrupt):
         train_boundaries(params(), "toy", "focal", out_root=workdir / "b", log_model=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
-    first_run = read_checkpoint(workdir / "b" / "toy-focal" / "checkpoints" / "last.pt")["run_id"]
+    first_run = train_mod.read_run_id(workdir / "b" / "toy-focal")
     assert mlflow.get_run(first_run).info.status == "KILLED"
     resumed = train_boundaries(params(), "toy", "focal", out_root=workdir / "b", resume=True, log_model=False)
     assert resumed.run_id == first_run
@@ -195,3 +211,10 @@ def test_logged_pyfunc_model_serves_and_rejects_bad_input(workdir):
 
     loaded = load_model(f"runs:/{result.run_id}/model")
     assert np.isclose(loaded.epoch, 1)
+    # --resume on the finished run continues it without logging the model a second time.
+    p = params("boundaries.epochs=1", "boundaries.snapshot_epochs=[1]")
+    again = train_boundaries(p, "toy", "bce", out_root=workdir / "o", resume=True)
+    assert again.run_id == result.run_id
+    experiment = mlflow.get_run(result.run_id).info.experiment_id
+    logged = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    assert [m.source_run_id for m in logged].count(result.run_id) == 1

@@ -107,7 +107,7 @@ def test_failed_reimport_keeps_the_previous_dataset(tmp_path):
     import_dataset(src, tmp_path / "out", "ds")
     (src / "masks" / "a-0-0.png").write_bytes(b"")
     with pytest.raises(GrainlabError, match="a-0-0.png: empty file"):
-        import_dataset(src, tmp_path / "out", "ds")
+        import_dataset(src, tmp_path / "out", "ds", replace=True)
     assert len(load_dataset(tmp_path / "out" / "ds").pairs) == 3
 
 

@@ -48,7 +48,7 @@ def test_candidate_worse_on_heldout_becomes_challenger_better_becomes_champion(s
     client.log_metric(worse.run_id, "test/boundary_f1", held - 0.1, step=99)
     assert main(["register"]) == 0
     state = registry_state(store)["grain-boundary-unet"]
-    assert state["alias"] == "challenger" and state["run_id"] == worse.run_id
+    assert state["alias"] == "challenger" and state["run_name"] == "toy-mse"
     assert (
         int(client.get_model_version_by_alias("grain-boundary-unet", "champion").version)
         == champion["version"]

@@ -91,7 +91,9 @@ def test_local_study_nests_runs_and_exports_best_params(workdir):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert {t["mlflow_run_id"] for t in summary["trials"]} == {r.info.run_id for r in children}
+    run_ids = json.loads((result.out_dir / "run.json").read_text())
+    assert set(run_ids["trials"].values()) == {r.info.run_id for r in children}
+    assert run_ids["parent"] == parents[0].info.run_id
     assert all(r.info.status == "FINISHED" and "val/boundary_f1" in r.data.metrics for r in children)
     # Running the finished study again adds no trial.
     again = run_study("boundaries", params)
@@ -151,17 +153,15 @@ postgres = pytest.mark.skipif(
 
 @pytest.fixture
 def pg_databases():
-    """Two fresh databases: one for the Optuna study, one for the shared MLflow store."""
+    """Two fresh, empty databases: one for the Optuna study, one for the shared MLflow store.
+    The workers set both schemas up themselves, as they would on a new lab server."""
     import psycopg
-    from mlflow import MlflowClient
 
     names = [f"grainlab_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")]
     with psycopg.connect(f"{PG_URL}/test", autocommit=True) as conn:
         for name in names:
             conn.execute(f"CREATE DATABASE {name}")
-        urls = [f"{PG_URL}/{name}" for name in names]
-        MlflowClient(tracking_uri=urls[1]).search_experiments()  # the shared tracking store, set up once
-        yield urls
+        yield [f"{PG_URL}/{name}" for name in names]
         for name in names:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -215,6 +215,25 @@ def test_two_workers_share_one_postgres_study(workdir, pg_databases):
     assert all(w.returncode == 0 for w in workers), outputs
     trials = _check_trials_and_runs(storage, mlflow_url, study, 4)
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) <= 5  # at most one extra from the race
+
+
+@postgres
+@pytest.mark.load
+@pytest.mark.parametrize("repeat", range(10))
+def test_four_workers_starting_together_on_an_empty_database(workdir, pg_databases, repeat):
+    """The schema race (DuplicateTable, IntegrityError, ...) of workers starting at the same
+    instant on a new database: every worker exits 0, no trial is lost or duplicated, and every
+    finished trial has its own finished MLflow run."""
+    storage, mlflow_url = pg_databases
+    (workdir / "params.yaml").write_text("profile: demo\n")
+    study = f"race-{repeat}"
+    workers = [
+        _worker(workdir, storage, mlflow_url, study, 4, "tuning.boundaries.epochs=1") for _ in range(4)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    trials = _check_trials_and_runs(storage, mlflow_url, study, 4)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)  # none lost mid-way
 
 
 @postgres

@@ -3,17 +3,21 @@
 Thin by design: parse the arguments, load params.yaml, call the library, write outputs.
 Each area registers its verbs in its own `commands.py`. A GrainlabError (or an OS error
 such as a full disk) prints one line naming the problem and exits with status 2; a password
-in a URL it quotes is masked.
+in a URL it quotes is masked, and the line is cut to MAX_ERROR_CHARS.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 
 from grainlab.config import load_params
-from grainlab.errors import GrainlabError
+from grainlab.errors import GrainlabError, clip, short
+
+MAX_ERROR_CHARS = 500  # an error line is never longer
+PIXEL_SIZE_NM = (1e-3, 1e6)  # a physically sensible pixel size: 1 pm to 1 mm
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -39,6 +43,23 @@ def params_from(args):
     return load_params(args.params, args.overrides, args.profile)
 
 
+def check_pixel_size(value, what: str = "--pixel-size") -> float | None:
+    """A pixel size in nm from the command line (None: not given), checked before anything is written."""
+    if value is None:
+        return None
+    lo, hi = PIXEL_SIZE_NM
+    try:
+        nm = float(value)
+    except (TypeError, ValueError):
+        nm = math.nan
+    if not (math.isfinite(nm) and lo <= nm <= hi):
+        raise GrainlabError(
+            f"{what} = {short(value)}: expected the pixel size in nanometres, a number between {lo:g} "
+            f"and {hi:.0f} nm (1 mm)"
+        )
+    return nm
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grainlab import commands as platform_commands
     from grainlab.boundaries import commands as boundary_commands
@@ -61,7 +82,7 @@ def _error(message: str):
     """Print one error line; a password in any URL it quotes (e.g. from MLflow's own message) is masked."""
     from grainlab.tracking import mask_url
 
-    print(f"grainlab: error: {mask_url(message)}", file=sys.stderr)
+    print(f"grainlab: error: {clip(mask_url(message), MAX_ERROR_CHARS - 17)}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The platform verbs: `grainlab tune`, `grainlab register`, `grainlab report`."""
+"""The platform verbs: `grainlab tune`, `grainlab register`, `grainlab report`, `grainlab runs reap`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def register(groups, common):
     rep.add_argument("--out", default="reports", help="report folder (default: %(default)s)")
     rep.set_defaults(func=run_report)
 
+    runs = groups.add_parser("runs", help="MLflow run housekeeping")
+    runs_verbs = runs.add_subparsers(dest="verb", metavar="VERB", required=True)
+    reap = runs_verbs.add_parser(
+        "reap",
+        help="mark FAILED the runs left RUNNING by processes of this host that are gone",
+        description="A process killed with SIGKILL (or a crash, or a power cut) cannot end its MLflow run. "
+        "Every run records its host and process; this marks FAILED, with the reason, each RUNNING run of this "
+        "host whose process is gone. Starting any run does the same for its experiment.",
+    )
+    reap.set_defaults(func=run_reap)
+
 
 def run_tune(args):
     from grainlab.tuning import run_study
@@ -95,3 +106,13 @@ def run_report(args):
 
     params = params_from(args)
     print(f"wrote {write_report(params, Path(args.out))}")
+
+
+def run_reap(args):
+    from grainlab.tracking import reap_orphans, tracking_uri
+    from grainlab.urls import mask_url
+
+    reaped = reap_orphans()
+    for run_id in reaped:
+        print(f"run {run_id}: marked FAILED (its process is gone)")
+    print(f"{len(reaped)} orphaned run(s) in {mask_url(tracking_uri())}")

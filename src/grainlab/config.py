@@ -9,6 +9,7 @@ wrong type or an out-of-range value is a ConfigError that names the key and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +18,61 @@ from typing import Any
 
 import yaml
 
-from grainlab.errors import GrainlabError
+from grainlab.errors import GrainlabError, clip, short
+
+MAX_INT = 2**63 - 1  # every integer setting fits a 64-bit int (numpy and torch take no more)
 
 
 class ConfigError(GrainlabError):
     pass
+
+
+class _AnchorRefused(yaml.YAMLError):
+    """An anchor (&name) or alias (*name) in a params document."""
+
+    def __init__(self, kind: str, name: str, line: int):
+        super().__init__(f"YAML {kind} {name!r} on line {line}")
+        self.kind, self.name, self.line = kind, name, line
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: an alias repeats a node without copying
+    it, so a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs").
+    A params document spells every value out."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _AnchorRefused("alias", f"*{event.anchor}", event.start_mark.line + 1)
+        if getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused("anchor", f"&{event.anchor}", event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str):
+    """A YAML document parsed with ParamsLoader; anything the parser raises is a yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (ParamsLoader is a SafeLoader)
+    except yaml.YAMLError:
+        raise
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply; expected a params document a few levels deep") from None
+    except Exception as exc:  # e.g. an int of over 4300 digits, a date like 2020-13-45
+        raise yaml.YAMLError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what."""
+    if isinstance(exc, _AnchorRefused):
+        return (
+            f"line {exc.line}: {exc.kind} {clip(exc.name, 40)!r}: YAML anchors and aliases are not "
+            "allowed in params; expected every value written out"
+        )
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return clip(where + str(problem) + (f" ({context})" if context else ""), 200)
 
 
 def opt(default, lo=None, hi=None, choices=None, **kw):
@@ -46,6 +97,9 @@ class DataConfig:
     image_format: str = opt("png", choices=("png", "tiff16"))
     workers: int = opt(2, lo=1, hi=64)
     max_image_pixels: int = opt(100_000_000, lo=1)
+    # pixels per request to a model server, all its images together: 2**22 (2048 x 2048) took
+    # 10 to 16 s to trace on a 2-core CPU, well within the server's 60 s timeout (README, Reliability)
+    serving_max_pixels: int = opt(4_194_304, lo=1)
 
 
 @dataclass(frozen=True)
@@ -242,7 +296,7 @@ class MicroConfig:
             values = getattr(self, key)
             if not values or min(values) <= 0 or list(values[:2]) != sorted(values[:2]):
                 raise ConfigError(
-                    f"microstructures.{key} = {list(values)}: expected positive px/um, low before high"
+                    f"microstructures.{key} = {short(list(values))}: expected positive px/um, low before high"
                 )
 
 
@@ -299,7 +353,7 @@ class RecognitionConfig:
         unknown = set(self.tasks) - {"quiz1", "quiz2"}
         if unknown:
             raise ConfigError(
-                f"recognition.tasks: unknown task(s) {sorted(unknown)}; expected quiz1 and/or quiz2"
+                f"recognition.tasks: unknown task(s) {short(sorted(unknown))}; expected quiz1 and/or quiz2"
             )
 
 
@@ -349,7 +403,7 @@ class TuningConfig:
 @dataclass(frozen=True)
 class Params:
     profile: str = "demo"
-    seed: int = opt(0, lo=0)
+    seed: int = opt(0, lo=0, hi=2**31 - 1)  # numpy and sklearn take seeds below 2**32; seed + i stays below
     data: DataConfig = field(default_factory=DataConfig)
     tem: TemConfig = field(default_factory=TemConfig)
     tilts: TiltConfig = field(default_factory=TiltConfig)
@@ -366,13 +420,13 @@ class Params:
         for name, recipe in self.recipes.items():
             if recipe.tracer not in self.tracers:
                 raise ConfigError(
-                    f"recipes.{name}.tracer: unknown tracer {recipe.tracer!r}; "
-                    f"expected one of {sorted(self.tracers)}"
+                    f"recipes.{clip(name)}.tracer: unknown tracer {short(recipe.tracer)}; "
+                    f"expected one of {short(sorted(self.tracers))}"
                 )
             unique = recipe.pairs_per_region - round(recipe.pairs_per_region * recipe.duplicate_fraction)
             if recipe.tilt_mode == "grid" and unique > len(self.tilts.grid_alpha_deg):
                 raise ConfigError(
-                    f"recipes.{name}: {unique} distinct grid tilts per region needed, but "
+                    f"recipes.{clip(name)}: {unique} distinct grid tilts per region needed, but "
                     f"tilts.grid_alpha_deg has only {len(self.tilts.grid_alpha_deg)}"
                 )
 
@@ -384,13 +438,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value, tp, key: str, src: str):
-    """Check `value` against type `tp` and return it converted (lists to tuples, ints to floats)."""
+def _convert(value, tp, key: str, src: str, meta=None):
+    """Check `value` against type `tp` and return it converted (lists to tuples, ints to floats);
+    `meta` holds the allowed range of a setting (see `opt`)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
     def bad(expected):
-        raise ConfigError(f"{src}: {key} = {value!r}: expected {expected}")
+        raise ConfigError(f"{src}: {clip(key)} = {short(value)}: expected {expected}")
 
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -425,13 +480,20 @@ def _convert(value, tp, key: str, src: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             bad("an integer")
+        if not -MAX_INT - 1 <= value <= MAX_INT:
+            _check_range(value, meta or {}, key, src)  # the setting's own range first, where it has one
+            bad(f"an integer between {-MAX_INT - 1} and {MAX_INT}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             bad("a number")
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)
+        except OverflowError:
             bad("a finite number")
-        return float(value)
+        if not math.isfinite(number):
+            bad("a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             bad("a string")
@@ -442,14 +504,14 @@ def _convert(value, tp, key: str, src: str):
 def _check_range(value, meta, key, src):
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{src}: {key} = {value!r}: expected one of {list(choices)}")
+        raise ConfigError(f"{src}: {clip(key)} = {short(value)}: expected one of {list(choices)}")
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = (
             f"between {lo} and {hi}"
             if lo is not None and hi is not None
             else (f">= {lo}" if lo is not None else f"<= {hi}")
         )
-        raise ConfigError(f"{src}: {key} = {value!r}: expected a value {bounds}")
+        raise ConfigError(f"{src}: {clip(key)} = {short(value)}: expected a value {bounds}")
 
 
 def _build(cls, raw: dict, prefix: str, src: str):
@@ -458,13 +520,13 @@ def _build(cls, raw: dict, prefix: str, src: str):
     for k in raw:
         if k not in known:
             where = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{src}: unknown key {where!r}; expected one of {sorted(known)}")
+            raise ConfigError(f"{src}: unknown key {clip(where)!r}; expected one of {sorted(known)}")
     values = {}
     for name, f in known.items():
         if name not in raw:
             continue
         key = f"{prefix}.{name}" if prefix else name
-        value = _convert(raw[name], hints[name], key, src)
+        value = _convert(raw[name], hints[name], key, src, f.metadata)
         _check_range(value, f.metadata, key, src)
         values[name] = value
     try:
@@ -473,13 +535,14 @@ def _build(cls, raw: dict, prefix: str, src: str):
         raise ConfigError(f"{src}: {exc}") from None
 
 
-def _set_dotted(raw: dict, dotted: str, value, src: str):
+def _set_dotted(raw: dict, dotted, value, src: str):
+    dotted = str(dotted)
     parts = dotted.split(".")
     node = raw
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{src}: cannot set {dotted!r}: {p!r} is not a section")
+            raise ConfigError(f"{src}: cannot set {clip(dotted)!r}: {clip(p)!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -495,12 +558,15 @@ def _defaults_as_raw(obj):
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'key.sub=value' -> ('key.sub', value), the value parsed as YAML (numbers, lists, ...)."""
+    """'key.sub=value' -> ('key.sub', value), the value parsed as YAML (numbers, lists, ...);
+    a value YAML cannot parse is taken as the text itself. Anchors and aliases are refused."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. boundaries.epochs=3")
+        raise ConfigError(f"--set {short(text)}: expected KEY=VALUE, e.g. boundaries.epochs=3")
     key, _, value = text.partition("=")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _parse_yaml(value)
+    except _AnchorRefused as exc:
+        raise ConfigError(f"--set {short(text)}: {_yaml_problem(exc)}") from None
     except yaml.YAMLError:
         return key.strip(), value
 
@@ -514,27 +580,48 @@ def load_params(path: str | Path | None = "params.yaml", overrides=(), profile: 
         if not p.is_file():
             raise ConfigError(f"{src}: params file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{src}: not UTF-8 text (byte {exc.start}); expected a YAML params file"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{src}: cannot read the params file: {exc.strerror}") from None
+        try:
+            raw = _parse_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{src}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{src}: not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{src}: expected a mapping of sections at the top level")
     parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    chosen = f"{src}: profile"
+    if profile is not None:
+        chosen = "--profile"
     for key, value in parsed:
         if key == "profile":
-            profile = value
-    profile = profile or raw.get("profile", "demo")
+            profile, chosen = value, "--set profile"
+    if profile is None:
+        profile, chosen = raw.get("profile", "demo"), f"{src}: profile"
     profiles = raw.get("profiles", {}) or {}
     if not isinstance(profiles, dict):
-        raise ConfigError(f"{src}: profiles: expected a mapping of profile names to overrides")
-    if profile != "demo" and profile not in profiles:
         raise ConfigError(
-            f"{src}: profile {profile!r} is not defined; expected one of {['demo', *sorted(profiles)]}"
+            f"{src}: profiles = {short(profiles)}: expected a mapping of profile names to overrides"
+        )
+    names = ["demo", *sorted(str(k) for k in profiles if k != "demo")]
+    if not isinstance(profile, str):
+        raise ConfigError(f"{chosen} = {short(profile)}: expected a profile name, one of {short(names)}")
+    if profile != "demo" and profile not in profiles:
+        raise ConfigError(f"{src}: profile {short(profile)} is not defined; expected one of {short(names)}")
+    chosen_overrides = profiles.get(profile) or {}
+    if not isinstance(chosen_overrides, dict):
+        raise ConfigError(
+            f"{src}: profiles.{clip(profile)} = {short(chosen_overrides)}: "
+            "expected a mapping of dotted keys to values, e.g. {tem.image_px: 512}"
         )
     raw = dict(raw)
     raw["profile"] = profile
-    for key, value in (profiles.get(profile) or {}).items():
-        _set_dotted(raw, key, value, f"{src}: profiles.{profile}")
+    for key, value in chosen_overrides.items():
+        _set_dotted(raw, key, value, f"{src}: profiles.{clip(profile)}")
     for key, value in parsed:
         _set_dotted(raw, key, value, src)
     return _build(Params, raw, "", src)

@@ -13,14 +13,22 @@ output path, and leaves the old file or folder as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import io
 import json
 import math
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -90,23 +98,32 @@ def ensure_writable(folder: str | Path) -> Path:
     return folder
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
+def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    """Open an image and check its header (size, pixel count) without decoding any pixel.
+
+    `data`, when given, holds the file's bytes (then `path` only names the image in messages).
+    """
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
+    else:
+        size = len(data)
     if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); expected a PNG, TIFF or JPEG image")
     try:
-        im = Image.open(path)
+        im = Image.open(path if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a readable image; expected a PNG, TIFF or JPEG file") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{path}: cannot read image ({exc})") from None
     w, h = im.size
     if w < 1 or h < 1:
+        im.close()
         raise ImageError(f"{path}: image has size {w}x{h}; expected at least 1x1")
     if w * h > max_pixels:
+        im.close()
         raise ImageError(
             f"{path}: header claims {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
             "(data.max_image_pixels); refusing to decode it"
@@ -133,12 +150,28 @@ def _to_float(arr: np.ndarray, path: Path) -> np.ndarray:
     raise ImageError(f"{path}: unsupported pixel type {arr.dtype}; expected 8/16-bit integers or floats")
 
 
+def image_size(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None):
+    """(width, height) from the image header, checked as read_image checks it; no pixel is decoded.
+
+    `data`, when given, holds the file's bytes (then `path` only names the image in messages).
+    """
+    with _open_checked(Path(path), max_pixels, data) as im:
+        return im.size
+
+
 def read_image(
-    path: str | Path, *, channels: str = "grey", max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    *,
+    channels: str = "grey",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
 ) -> np.ndarray:
-    """Decode an image as float32 in [0, 1]: (H, W) for channels='grey', (H, W, 3) for 'rgb'."""
+    """Decode an image as float32 in [0, 1]: (H, W) for channels='grey', (H, W, 3) for 'rgb'.
+
+    `data`, when given, holds the file's bytes (then `path` only names the image in messages).
+    """
     path = Path(path)
-    im = _open_checked(path, max_pixels)
+    im = _open_checked(path, max_pixels, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -308,6 +341,29 @@ def staged_dir(target: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_stages(target: str | Path) -> list[Path]:
+    """Remove what an interrupted staged_dir or atomic_path left beside `target`.
+
+    That is `.NAME.XXXXXXXX.tmp` (a temporary folder or file) and `.NAME.old` (the previous
+    folder, set aside during the final swap). Only call it where no other process is
+    building `target` at the same time. Returns the paths removed.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    temp = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    for entry in sorted(target.parent.iterdir()):
+        if entry.name != f".{target.name}.old" and not temp.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -323,3 +379,53 @@ def parallel_map(fn, items: list) -> list:
     and scoring spend their time in Pillow, NumPy, SciPy and scikit-image code that releases the GIL."""
     with ThreadPoolExecutor(worker_threads(len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _watch_owner(owner: int):
+    while os.getppid() == owner:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _end_with_owner(owner: int):
+    """Pool initializer: this worker ends when the process that made the pool ends, even by SIGKILL.
+
+    On Linux the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere
+    a thread watches the parent pid. A parent that died before that took effect shows as a
+    changed parent pid, checked after it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            watched = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            watched = False
+        if watched:
+            if os.getppid() != owner:
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_owner, args=(owner,), daemon=True).start()
+
+
+@contextlib.contextmanager
+def process_pool(workers: int):
+    """A ProcessPoolExecutor whose workers never outlive this process.
+
+    The workers are direct children (fork on Linux, as before; spawn elsewhere) and die with
+    it (see _end_with_owner), so a killed command leaves no orphans; on Linux they are bound
+    to the thread that starts them, so use the pool from one thread. On an error or Ctrl-C,
+    queued jobs are cancelled instead of waited for.
+    """
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_end_with_owner, initargs=(os.getpid(),)
+    )
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -81,8 +81,7 @@ def promote(family: ModelFamily) -> dict:
         "model": family.name,
         "version": int(version.version),
         "alias": alias,
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name,
+        "run_name": run.info.run_name,  # not the run id, which differs between identical runs (dvc.lock)
         family.heldout_metric: score,
         "previous_champion": int(champion.version) if champion else None,
         "previous_champion_score": champion_score if champion else None,

@@ -3,22 +3,36 @@
 By default runs go to the repository's `mlflow.db` (SQLite, as an absolute path so that
 `dvc exp run --temp` still finds it) with artifacts under `mlruns/`. The environment
 variable MLFLOW_TRACKING_URI points everything at a tracking server instead.
+
+The first call in a process checks that the tracking server answers (urls.reach: one line
+within GRAINLAB_CONNECT_TIMEOUT_S, not minutes of retries) and, on PostgreSQL, sets the store's
+tables up under an advisory lock, so that workers starting together on an empty database do not
+race. Experiments are marked as model-training experiments, so that MLflow 3's UI opens on the
+runs table. Each run records its host and pid: a run left RUNNING by a killed process is marked
+FAILED by `reap_orphans` (called when a run starts, and by `grainlab runs reap`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
-import re
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
+from grainlab import urls
 from grainlab.errors import GrainlabError
+from grainlab.urls import mask_url
 
 BOUNDARY_EXPERIMENT = "grain-boundaries"
 RECOGNITION_EXPERIMENT = "microstructure-recognition"
+# MLflow 3's UI opens an experiment of this kind on its runs table (not on the GenAI traces page).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+_READY: set[str] = set()
 
 
 def project_root() -> Path:
@@ -31,12 +45,6 @@ def project_root() -> Path:
     return cwd
 
 
-def mask_url(url: str) -> str:
-    """Hide the password of a URL such as postgresql://user:secret@host/db (up to the last '@'
-    before any whitespace, so an unencoded '@' or '/' in the password stays hidden too)."""
-    return re.sub(r"(//[^:/@\s]+:)\S*@", r"\1***@", url)
-
-
 def tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
@@ -47,20 +55,69 @@ def tracking_uri() -> str:
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    if uri not in _READY:
+        _prepare(uri)
+        _READY.add(uri)
+    mlflow.set_tracking_uri(uri)
     return mlflow
 
 
+def _prepare(uri: str):
+    """Once per process: reach the server, set a PostgreSQL store's tables up under a lock, quiet logs."""
+    from mlflow import MlflowClient
+
+    # The system-metrics monitor logs INFO lines at every run start and stop; keep its warnings.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # Fewer HTTP retries than MLflow's default 7 with exponential back-off (minutes on a dead server).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    urls.reach(uri, "the MLflow tracking server")
+    with urls.schema_lock(uri, "the MLflow tracking store"):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the tables
+        except Exception as exc:  # SQLAlchemy's and MLflow's many error types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GrainlabError(
+                f"cannot open the MLflow tracking store {mask_url(uri)}: {type(exc).__name__}: {mask_url(first)}"
+            ) from None
+
+
 def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it with its artifacts under the repo's mlruns/ if needed."""
+    """The experiment's id, creating it (artifacts under the repo's mlruns/) if needed, marked as a
+    model-training experiment. Two processes creating it at once both get the same one."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     mlflow = _mlflow()
+    client = MlflowClient()
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (project_root() / "mlruns").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = None
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            location = (project_root() / "mlruns").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            exp = mlflow.get_experiment_by_name(name)  # another process created it meanwhile
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def ui_links(base_url: str) -> list[str]:
+    """The MLflow UI's runs-table link of each experiment. MLflow 3's UI opens experiments in its
+    GenAI mode (a traces overview) unless its model-training mode is asked for in the link."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    return [
+        f"{e.name}: {base_url}/#/experiments/{e.experiment_id}?workflowType=machine_learning"
+        for e in MlflowClient().search_experiments()
+        if e.name != "Default"
+    ]
 
 
 def git_commit() -> str:
@@ -89,6 +146,79 @@ class RunStopped(Exception):
     """Raised to stop a run on purpose (e.g. an Optuna trial pruned): the run ends as KILLED, not FAILED."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: it ends KILLED, as after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_run():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _process_tags() -> dict[str, str]:
+    import psutil
+
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": str(pid),
+        "pid_start": str(psutil.Process(pid).create_time()),
+    }
+
+
+def _alive(tags: dict) -> bool:
+    import psutil
+
+    try:
+        return str(psutil.Process(int(tags["pid"])).create_time()) == tags.get("pid_start")
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def reap_orphans(experiment_ids: list[str] | None = None) -> list[str]:
+    """Mark FAILED the RUNNING runs that this host's processes started and that are gone
+    (SIGKILL, a crash, a power cut); return their ids. Runs of other hosts are left alone."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    host = socket.gethostname()
+    reaped = []
+    for run in client.search_runs(
+        experiment_ids, f"attributes.status = 'RUNNING' and tags.host = '{host}'", max_results=1000
+    ):
+        if "pid" in run.data.tags and not _alive(run.data.tags):
+            reason = f"orphaned: process {run.data.tags['pid']} on {host} ended without closing the run"
+            client.set_tag(run.info.run_id, "failure_reason", reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+def log_dataset(name: str, path: str | Path):
+    """The run's dataset as an MLflow dataset input (the UI's Dataset column), digest = data.dvc's md5."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=data_md5())
+    _mlflow().log_input(dataset, context="training")
+
+
 @contextlib.contextmanager
 def run(
     experiment: str,
@@ -99,13 +229,17 @@ def run(
     tags=None,
     system_metrics: bool = True,
     parent_run_id: str | None = None,
+    dataset: tuple[str, Path] | None = None,
 ):
-    """Start (or, with run_id, resume) an MLflow run; mark it FAILED with the reason on error.
+    """Start (or, with run_id, resume) an MLflow run; mark it FAILED with the reason on error,
+    KILLED on Ctrl-C, SIGTERM or RunStopped.
 
-    parent_run_id nests the run under another (as a tag, so the parent need not be active).
+    parent_run_id nests the run under another (as a tag, so the parent need not be active);
+    dataset = (name, folder) logs the run's dataset input.
     """
     mlflow = _mlflow()
     exp_id = ensure_experiment(experiment)
+    reap_orphans([exp_id])
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp_id,
@@ -113,13 +247,17 @@ def run(
         log_system_metrics=system_metrics,
     )
     try:
-        if params and not run_id:
-            log_params(params)
-        if parent_run_id:
-            mlflow.set_tag("mlflow.parentRunId", parent_run_id)
-        if tags:
-            mlflow.set_tags(tags)
-        yield active
+        with _sigterm_stops_run():
+            mlflow.set_tags(_process_tags())
+            if params and not run_id:
+                log_params(params)
+            if dataset and not run_id:
+                log_dataset(*dataset)
+            if parent_run_id:
+                mlflow.set_tag("mlflow.parentRunId", parent_run_id)
+            if tags:
+                mlflow.set_tags(tags)
+            yield active
     except BaseException as exc:
         stopped = isinstance(exc, (KeyboardInterrupt, RunStopped))
         mlflow.set_tag("stop_reason" if stopped else "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
@@ -153,6 +291,11 @@ def log_artifacts(folder: str | Path, artifact_path: str | None = None):
 
 def set_tags(tags: dict):
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+
+def active_tags() -> dict[str, str]:
+    mlflow = _mlflow()
+    return dict(mlflow.get_run(mlflow.active_run().info.run_id).data.tags)
 
 
 def download_model_checkpoint(uri: str) -> Path:

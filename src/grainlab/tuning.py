@@ -33,7 +33,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from grainlab import tracking
+from grainlab import tracking, urls
 from grainlab.config import Params, apply_overrides, dump_yaml, nest
 from grainlab.errors import GrainlabError
 from grainlab.images import atomic_path, write_json
@@ -41,6 +41,7 @@ from grainlab.images import atomic_path, write_json
 STORAGE_ENV = "GRAINLAB_OPTUNA_STORAGE"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_ATTR = "mlflow_parent_run_id"
+RUN_FILE = "run.json"  # the MLflow run ids of the study and its trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats, their retry callback and the matplotlib plots are marked experimental in Optuna 5.
@@ -228,10 +229,13 @@ def open_storage(url: str | None, params: Params, journal: Path):
         return JournalStorage(JournalFileBackend(str(journal)))
     if not url.startswith(("postgresql", "mysql", "sqlite")):
         raise GrainlabError(
-            f"--storage {tracking.mask_url(url)}: expected a database URL such as "
+            f"--storage {urls.mask_url(url)}: expected a database URL such as "
             "postgresql://user@host:5432/db (or leave it out for a local journal file)"
         )
-    for attempt in range(3):
+    # Workers starting together on an empty database would race to create its tables: the first
+    # one sets them up under an advisory lock while the others wait, then find them there.
+    urls.reach(url, "the Optuna storage")
+    with urls.schema_lock(url, "the Optuna storage"):
         try:
             return RDBStorage(
                 url,
@@ -241,13 +245,9 @@ def open_storage(url: str | None, params: Params, journal: Path):
                 engine_kwargs={"pool_pre_ping": True},
             )
         except Exception as exc:  # SQLAlchemy's many error types
-            # Workers starting together on a fresh database race to create its tables: try again.
-            if attempt < 2 and "IntegrityError" in type(exc).__name__ + str(exc):
-                time.sleep(1 + attempt)
-                continue
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise GrainlabError(
-                f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0]}"
+                f"cannot open Optuna storage {urls.mask_url(url)}: {type(exc).__name__}: {urls.mask_url(first)}"
             ) from None
 
 
@@ -362,12 +362,17 @@ def export_results(study: optuna.Study, context: dict, n_trials: int) -> StudyRe
                 "state": t.state.name,
                 "value": t.value,
                 "params": t.params,
-                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             }
             for t in trials
         ],
     }
     write_json(out_dir / "summary.json", summary)
+    # MLflow run ids differ between identical studies: they stay out of what DVC hashes (.dvcignore).
+    runs = {
+        "parent": context["parent"],
+        "trials": {t.number: t.user_attrs.get("mlflow_run_id") for t in trials},
+    }
+    write_json(out_dir / RUN_FILE, runs)
     if context.get("metrics_path"):
         write_json(context["metrics_path"], {"best_value": summary["best_value"], **counts})
     plots = _write_plots(study, out_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grainlab.cli import params_from
+from grainlab.cli import check_pixel_size, params_from
 from grainlab.errors import GrainlabError
 
 
@@ -108,13 +108,14 @@ def run_trace(args):
     from grainlab.boundaries.tracing import trace_files
 
     params = params_from(args)
+    pixel_size = check_pixel_size(args.pixel_size)  # before anything is read or written
     model = load_model(args.model)
     rows = trace_files(
         model,
         [Path(p) for p in args.images],
         Path(args.out),
         params.boundaries,
-        args.pixel_size,
+        pixel_size,
         params.data.max_image_pixels,
     )
     for row in rows:

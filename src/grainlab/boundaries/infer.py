@@ -97,14 +97,21 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint as plain data, loaded with weights_only=True (no pickled code runs)."""
+    import warnings
+
+    from grainlab.errors import load_error_reason
+
     path = Path(path)
     if not path.is_file():
         raise GrainlabError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt, foreign or malicious files
         raise GrainlabError(
-            f"{path}: not a readable grainlab checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: not a readable grainlab checkpoint ({load_error_reason(exc)}); "
+            "expected a checkpoint written by `grainlab boundaries train`"
         ) from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise GrainlabError(f"{path}: not a grainlab boundary checkpoint (no 'model_args' / 'model')")
@@ -120,8 +127,16 @@ def load_model(source: str | Path, device: torch.device | None = None) -> Loaded
         source = download_model_checkpoint(text)
     ckpt = read_checkpoint(source)
     device = device or pick_device()
-    net = build_unet(ckpt["model_args"])
-    net.load_state_dict(ckpt["model"])
+    try:
+        net = build_unet(ckpt["model_args"])
+        net.load_state_dict(ckpt["model"])
+    except Exception as exc:  # a dict with the right keys but foreign contents
+        from grainlab.errors import load_error_reason
+
+        raise GrainlabError(
+            f"{source}: not a grainlab boundary checkpoint ({load_error_reason(exc)}); "
+            "expected a checkpoint written by `grainlab boundaries train`"
+        ) from None
     net.eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)

@@ -11,6 +11,7 @@ Add a loss with one decorated class (and its test in tests/test_losses.py).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from grainlab.errors import GrainlabError
+from grainlab.errors import GrainlabError, clip, short
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ def make_loss(name: str, **kwargs) -> nn.Module:
     spec = _spec(name)
     try:
         return spec.factory(**kwargs)
-    except TypeError as exc:
-        raise GrainlabError(f"loss {name!r}: bad arguments {kwargs}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. gamma='abc': float('abc')
+        raise GrainlabError(
+            f"boundaries.loss_args.{name} = {short(kwargs)}: {clip(exc)}; "
+            f"expected the arguments of loss {name!r}: {clip(inspect.signature(spec.factory, eval_str=True), 200)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- losses

@@ -4,14 +4,16 @@ A run writes into outputs/boundaries/<dataset>-<loss>/:
 
     checkpoints/last.pt    written after each validation (every boundaries.eval_every epochs,
                            atomically): model, optimizer, RNG states,
-                           epoch, history, params and the MLflow run id; `resume` goes on from it
+                           epoch, history, params; `resume` goes on from it
     snapshots/             test-image predictions and test grain diameters at the snapshot epochs
     history.csv            per-epoch curves (for `dvc plots`)
     metrics.json           final validation metrics and test metrics per snapshot (for DVC)
     loss_curve.png
+    run.json               the MLflow run id (not a DVC output: `resume` continues that run)
 
 On the CPU a run is deterministic: the same params and seed give the same weights,
-with or without an interruption and `resume` in between.
+with or without an interruption and `resume` in between. The DVC outputs hold nothing that
+changes from one identical run to the next: epoch times and run ids go to MLflow and run.json.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ from grainlab.images import (
 )
 
 OUTPUT_ROOT = Path("outputs/boundaries")
+RUN_FILE = "run.json"
+MODEL_LOGGED_TAG = "pyfunc_model_logged"
 
 
 class TrainingDiverged(GrainlabError):
@@ -371,7 +375,7 @@ def train_boundaries(
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _restore_rng(ckpt["rng"], sampler)
-        history, start_epoch, run_id = list(ckpt["history"]), ckpt["epoch"] + 1, ckpt["run_id"]
+        history, start_epoch, run_id = list(ckpt["history"]), ckpt["epoch"] + 1, read_run_id(out_dir)
     model = LoadedModel(net, device, to_dict(params), 0)
     tags = {
         **tracking.standard_tags(
@@ -398,6 +402,7 @@ def train_boundaries(
         params=run_params,
         tags=tags,
         parent_run_id=parent_run_id,
+        dataset=(ds.name, ds.root),
     ) as active:
         run_id = active.info.run_id
         if on_run is not None:
@@ -413,26 +418,35 @@ def train_boundaries(
                 row.update(validate(model, val_samples, val_truths, loss_fn, params))
             if epoch in cfg.snapshot_epochs and items:
                 row.update(write_snapshot(model, params, items, out_dir, epoch))
-            row["time/epoch_s"] = time.perf_counter() - start
             history.append(row)
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            seconds = {"time/epoch_s": time.perf_counter() - start}
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"} | seconds, step=epoch)
             if not evaluate:
                 continue
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model_args": net.args.to_dict(),
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(sampler),
-                    "epoch": epoch,
-                    "history": history,
-                    "params": to_dict(params),
-                    "run_id": run_id,
-                    "dataset": ds.name,
-                    "loss": loss,
-                },
-            )
+            new_run_file = (
+                read_run_id(out_dir) != run_id
+            )  # with the first checkpoint: the run `resume` continues
+            if new_run_file:
+                write_json(out_dir / RUN_FILE, {"run_id": run_id})
+            try:
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "model_args": net.args.to_dict(),
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": _rng_state(sampler),
+                        "epoch": epoch,
+                        "history": history,
+                        "params": to_dict(params),
+                        "dataset": ds.name,
+                        "loss": loss,
+                    },
+                )
+            except Exception:  # e.g. a full disk: leave no run file without its checkpoint
+                if new_run_file:
+                    (out_dir / RUN_FILE).unlink(missing_ok=True)
+                raise
             if on_epoch is not None:
                 on_epoch(epoch, row)
         metrics = final_metrics(history, cfg.snapshot_epochs)
@@ -441,11 +455,23 @@ def train_boundaries(
             tracking.log_artifacts(out_dir / "snapshots", "snapshots")
         for name in ("loss_curve.png", "history.csv", "metrics.json"):
             tracking.log_artifact(out_dir / name)
-        if log_model:
+        if log_model and not tracking.active_tags().get(MODEL_LOGGED_TAG):  # once, also on --resume
             from grainlab.serving import log_boundary_model
 
             log_boundary_model(ckpt_path)
+            tracking.set_tags({MODEL_LOGGED_TAG: "true"})
     return TrainResult(out_dir, run_id, history, metrics)
+
+
+def read_run_id(out_dir: Path) -> str | None:
+    """The MLflow run of a run folder (run.json), or None when it has none (a new run is started)."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise GrainlabError(f"{path}: not a run file; expected JSON with a run_id") from None
 
 
 def load_result(out_dir: Path) -> TrainResult:
@@ -455,7 +481,7 @@ def load_result(out_dir: Path) -> TrainResult:
     if not metrics_path.is_file():
         raise GrainlabError(f"{metrics_path}: not found; the run in {out_dir} did not finish")
     return TrainResult(
-        Path(out_dir), ckpt["run_id"], list(ckpt["history"]), json.loads(metrics_path.read_text())
+        Path(out_dir), read_run_id(out_dir), list(ckpt["history"]), json.loads(metrics_path.read_text())
     )
 
 

@@ -19,7 +19,8 @@ def register(groups, common):
         description="Generate the thin-film BF TEM recipes (lopez-toderas, grae, gong, grae-large) with "
         "their held-out test set under data/grain_boundaries/, and the steel microstructure library "
         "(quiz-1 and quiz-2 analogues) under data/microstructures/. Deterministic: the same params "
-        "give byte-identical files.",
+        "give byte-identical files. Each generated folder is replaced as a whole; other datasets "
+        "under data/grain_boundaries/ (imported ones) are left alone.",
     )
     synth.add_argument(
         "--only",
@@ -46,12 +47,18 @@ def register(groups, common):
         parents=[common],
         help="import real micrographs with hand tracings",
         description="Import a folder of micrographs and a folder of tracings (matched by file stem) into "
-        "data/grain_boundaries/NAME in the same layout as the synthetic data.",
+        "data/grain_boundaries/NAME in the same layout as the synthetic data. An existing NAME is "
+        "replaced only with --replace; the synthetic datasets' names are never taken.",
     )
     imp.add_argument(
         "src", help="source folder holding images/ (or micrographs/) and masks/ (or labels/, tracings/)"
     )
     imp.add_argument("--name", required=True, help="dataset name, a plain folder name")
+    imp.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite an existing imported dataset of that name (never a synthetic one)",
+    )
     imp.add_argument(
         "--pixel-size", type=float, default=None, metavar="NM", help="pixel size in nm (optional)"
     )
@@ -67,21 +74,32 @@ def register(groups, common):
     imp.set_defaults(func=run_import)
 
 
+def _data_root(args, params) -> Path:
+    from grainlab.datasets.folder import check_folder_path
+
+    if args.out:
+        return check_folder_path(args.out, "--out")
+    return check_folder_path(params.data.root, "data.root")
+
+
 def run_synth(args):
     from grainlab.datasets.microstructures import build_library
-    from grainlab.datasets.recipes import build_tem_datasets
-    from grainlab.images import staged_dir
+    from grainlab.datasets.recipes import synthesize_tem
+    from grainlab.images import remove_stale_stages, staged_dir
 
     params = params_from(args)
-    root = Path(args.out or params.data.root)
+    root = _data_root(args, params)
     workers = args.workers or params.data.workers
     start = time.perf_counter()
     if args.only in (None, "grain_boundaries"):
-        with staged_dir(root / "grain_boundaries") as tmp:
-            counts = build_tem_datasets(params, tmp, workers=workers)
+        counts, removed = synthesize_tem(params, root / "grain_boundaries", workers=workers)
+        for path in removed:
+            print(f"removed {path}, left by an interrupted run")
         for name, n in counts.items():
             print(f"{root / 'grain_boundaries' / name}: {n} pairs")
     if args.only in (None, "microstructures"):
+        for path in remove_stale_stages(root / "microstructures"):
+            print(f"removed {path}, left by an interrupted run")
         with staged_dir(root / "microstructures") as tmp:
             build_library(params.microstructures, tmp, params.seed, workers)
         print(f"{root / 'microstructures'}: steel micrograph library")
@@ -105,19 +123,23 @@ def run_preview(args):
 
 
 def run_import(args):
+    from grainlab.cli import check_pixel_size
     from grainlab.datasets.importer import import_dataset
+    from grainlab.datasets.recipes import synthetic_names
 
     params = params_from(args)
-    root = Path(args.out or params.data.root) / "grain_boundaries"
+    root = _data_root(args, params) / "grain_boundaries"
     manifest = import_dataset(
         args.src,
         root,
         args.name,
-        pixel_size_nm=args.pixel_size,
+        pixel_size_nm=check_pixel_size(args.pixel_size),
         images_dir=args.images,
         masks_dir=args.masks,
         region_pattern=args.region_pattern,
         max_pixels=params.data.max_image_pixels,
+        replace=args.replace,
+        reserved=synthetic_names(params),
     )
     regions = sorted({p["region"] for p in manifest["pairs"]})
     print(f"imported {len(manifest['pairs'])} pairs from {len(regions)} regions into {root / args.name}")

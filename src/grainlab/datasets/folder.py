@@ -145,5 +145,22 @@ def split_by_region(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[
     return train, val
 
 
+def check_folder_path(path: str | Path, what: str) -> Path:
+    """`path` is, or can be made, a folder: neither it nor a parent is an existing file.
+
+    `what` names the setting in the message, e.g. "--out".
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():
+            what_is = "it exists and is not a folder" if p == path else f"{p} exists and is not a folder"
+            raise DatasetError(
+                f"{what} {path}: {what_is}; expected a folder (or a path where one can be made)"
+            )
+    return path
+
+
 def write_manifest(root: Path, manifest: dict):
     write_json(root / MANIFEST, manifest, sort_keys=True)

@@ -3,22 +3,27 @@
 Micrographs and tracings are matched by file stem. Tracings may be drawn white-on-black
 or black-on-white, anti-aliased or not: they are thresholded and stored white-on-black.
 The dataset is built in a temporary folder and renamed into place only when every file
-passed its checks, so a failed import leaves nothing behind.
+passed its checks, so a failed import leaves nothing behind. An existing dataset is only
+replaced when asked (replace=True, `--replace`), and never one that `grainlab data synth`
+writes (a recipe or the test set).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from grainlab.datasets.folder import DatasetError, write_manifest
+from grainlab.datasets.folder import MANIFEST, DatasetError, check_folder_path, write_manifest
 from grainlab.images import (
     IMAGE_SUFFIXES,
     list_images,
     read_image,
     read_mask,
+    remove_stale_stages,
     staged_dir,
     write_image,
     write_mask,
@@ -61,6 +66,59 @@ def check_name(name: str) -> str:
     return name
 
 
+def _synthetic_kind(folder: Path) -> str | None:
+    """The manifest's kind when `folder` holds synthetic data, else None."""
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) and kind.startswith("synthetic") else None
+
+
+def check_target(dest_root: Path, name: str, *, replace: bool, reserved: Iterable[str]) -> Path:
+    """The folder an import may write: not a synthetic dataset's, not an existing one unless `replace`."""
+    reserved = sorted(reserved)
+    if name.casefold() in {r.casefold() for r in reserved}:
+        raise DatasetError(
+            f"dataset name {name!r} belongs to the synthetic data (`grainlab data synth` writes "
+            f"{reserved}); choose another --name"
+        )
+    check_folder_path(dest_root, "dataset folder")
+    target = dest_root / name
+    if target.exists() or target.is_symlink():
+        kind = _synthetic_kind(target)
+        if kind is not None:
+            raise DatasetError(
+                f"{target}: dataset {name!r} is synthetic data (kind {kind!r}) from `grainlab data synth`; "
+                "an import never replaces it; choose another --name"
+            )
+        if not replace:
+            raise DatasetError(
+                f"{target}: dataset {name!r} already exists; pass --replace to overwrite it, "
+                "or choose another --name"
+            )
+    return target
+
+
+def _regions(stems: Iterable[str], region_re: re.Pattern, images: dict[str, Path]) -> dict[str, str]:
+    """The region of every stem: the pattern's first group (or whole match); every stem must match."""
+    regions, misses = {}, []
+    for stem in stems:
+        match = region_re.search(stem)
+        region = (match.group(1) if region_re.groups else match.group(0)) if match else None
+        if region:
+            regions[stem] = region
+        else:
+            misses.append(stem)
+    if misses:
+        raise DatasetError(
+            f"--region-pattern {region_re.pattern!r}: no region in the stem {misses[0]!r} of "
+            f"{images[misses[0]]} ({len(misses)} of {len(misses) + len(regions)} stems do not match); "
+            "expected a regex whose first group is the region id in every file stem"
+        )
+    return regions
+
+
 def import_dataset(
     src: str | Path,
     dest_root: str | Path,
@@ -71,10 +129,21 @@ def import_dataset(
     masks_dir: str | None = None,
     region_pattern: str = r"^([^-_]+)",
     max_pixels: int = 100_000_000,
+    replace: bool = False,
+    reserved: Iterable[str] | None = None,
 ) -> dict:
-    """Check and copy a folder of micrographs + tracings into dest_root/name; return the manifest."""
+    """Check and copy a folder of micrographs + tracings into dest_root/name; return the manifest.
+
+    An existing dest_root/name is replaced only with `replace`; a name in `reserved`
+    (default: the names `grainlab data synth` writes) or a synthetic dataset never is.
+    """
+    from grainlab.datasets.recipes import synthetic_names
+
     src, dest_root = Path(src), Path(dest_root)
     check_name(name)
+    target = check_target(
+        dest_root, name, replace=replace, reserved=synthetic_names() if reserved is None else reserved
+    )
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder not found")
     if pixel_size_nm is not None and not (np.isfinite(pixel_size_nm) and pixel_size_nm > 0):
@@ -101,8 +170,8 @@ def import_dataset(
         if lonely_masks:
             parts.append(f"tracings without a micrograph: {[masks[s].name for s in lonely_masks]}")
         raise DatasetError(f"{src}: " + "; ".join(parts))
+    regions = _regions(sorted(images), region_re, images)
 
-    target = dest_root / name
     pairs, channels = [], 1
     loaded = []
     for stem in sorted(images):
@@ -118,11 +187,10 @@ def import_dataset(
             )
         if not mask.any():
             raise DatasetError(f"{mask_path}: the tracing is empty (no boundary pixels)")
-        match = region_re.search(stem)
-        region = match.group(1) if match and match.groups() else (match.group(0) if match else stem)
         channels = max(channels, 1 if is_grey else 3)
-        loaded.append((stem, image, mask, region, img_path, mask_path))
+        loaded.append((stem, image, mask, regions[stem], img_path, mask_path))
 
+    remove_stale_stages(target)  # leftovers of an interrupted import under this name
     with staged_dir(target) as tmp:
         for stem, image, mask, region, img_path, mask_path in loaded:
             rel_img, rel_mask = f"images/{stem}.png", f"labels/{stem}.png"

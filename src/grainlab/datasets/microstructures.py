@@ -16,14 +16,13 @@ byte-identical on every re-run, whatever the number of worker processes.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from grainlab.config import MicroConfig
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, read_image, write_image, write_json
+from grainlab.images import atomic_path, process_pool, read_image, write_image, write_json
 from grainlab.synth import micro
 
 NONE = "none"
@@ -105,7 +104,7 @@ def build_library(cfg: MicroConfig, out_dir: Path, seed: int, workers: int) -> N
     entries = plan_library(cfg, seed)
     jobs = [(i, e, cfg.image_px, seed, str(out_dir)) for i, e in enumerate(entries)]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             list(pool.map(_render_entry, jobs, chunksize=8))
     else:
         for job in jobs:

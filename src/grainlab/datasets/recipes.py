@@ -13,8 +13,9 @@ the output is byte-identical on any machine and independent of the number of wor
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,10 +24,26 @@ from tqdm import tqdm
 
 from grainlab.config import Params, RecipeConfig
 from grainlab.datasets.folder import write_manifest
-from grainlab.images import write_image, write_labels, write_mask
+from grainlab.images import (
+    process_pool,
+    remove_stale_stages,
+    staged_dir,
+    write_image,
+    write_labels,
+    write_mask,
+)
 from grainlab.synth import tem
 
 TEST_SET = "test"
+
+
+def synthetic_names(params: Params | None = None) -> list[str]:
+    """The dataset folders `grainlab data synth` writes: every recipe (the built-in ones and
+    those of `params`) and the held-out test set. No import may take these names."""
+    names = set(Params().recipes) | {TEST_SET}
+    if params is not None:
+        names |= set(params.recipes)
+    return sorted(names)
 
 
 def region_rng(seed: int, dataset: str, region: int) -> np.random.Generator:
@@ -124,18 +141,28 @@ def _build_region_job(job):
 
 
 def build_tem_datasets(
-    params: Params, out_root: Path, workers: int = 1, progress: bool = True
+    params: Params, out_root: Path | Mapping[str, Path], workers: int = 1, progress: bool = True
 ) -> dict[str, int]:
-    """Write every recipe and the held-out test set under out_root; return pair counts by dataset."""
+    """Write every recipe and the held-out test set; return pair counts by dataset.
+
+    `out_root` is the folder that receives one sub-folder per dataset, or a mapping from
+    each dataset name to its own folder.
+    """
+    names = [*params.recipes, TEST_SET]
+    folders = (
+        {n: Path(out_root[n]) for n in names}
+        if isinstance(out_root, Mapping)
+        else {n: Path(out_root) / n for n in names}
+    )
     jobs = []
     for name, recipe in params.recipes.items():
-        jobs += [(params, name, i, out_root / name) for i in range(recipe.regions)]
-    jobs += [(params, TEST_SET, i, out_root / TEST_SET) for i in range(params.test_set.regions)]
+        jobs += [(params, name, i, folders[name]) for i in range(recipe.regions)]
+    jobs += [(params, TEST_SET, i, folders[TEST_SET]) for i in range(params.test_set.regions)]
 
     results = {}
     bar = tqdm(total=len(jobs), desc="tem regions", unit="region", disable=not progress)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             for job, pairs in zip(jobs, pool.map(_build_region_job, jobs, chunksize=1), strict=True):
                 results[(job[1], job[2])] = pairs
                 bar.update()
@@ -146,7 +173,7 @@ def build_tem_datasets(
     bar.close()
 
     counts = {}
-    for dataset in [*params.recipes, TEST_SET]:
+    for dataset in names:
         pairs = [p for (d, _), ps in sorted(results.items()) if d == dataset for p in ps]
         manifest = {
             "name": dataset,
@@ -159,6 +186,27 @@ def build_tem_datasets(
         }
         if dataset != TEST_SET:
             manifest["recipe"] = asdict(params.recipes[dataset])
-        write_manifest(out_root / dataset, manifest)
+        write_manifest(folders[dataset], manifest)
         counts[dataset] = len(pairs)
     return counts
+
+
+def synthesize_tem(
+    params: Params, datasets_root: Path, workers: int = 1, progress: bool = True
+) -> tuple[dict[str, int], list[Path]]:
+    """Regenerate the recipes and the test set under datasets_root, each folder swapped in atomically.
+
+    Only the folders this generator writes are replaced; any other dataset there (an
+    imported one) is left alone. Leftovers of an interrupted run (temporary folders beside
+    them) are removed first. Returns the pair counts and the leftovers removed.
+    """
+    datasets_root = Path(datasets_root)
+    names = [*params.recipes, TEST_SET]
+    # An older grainlab staged the whole datasets_root; its leftovers sit beside it.
+    removed = remove_stale_stages(datasets_root)
+    for name in names:
+        removed += remove_stale_stages(datasets_root / name)
+    with contextlib.ExitStack() as stack:
+        folders = {name: stack.enter_context(staged_dir(datasets_root / name)) for name in names}
+        counts = build_tem_datasets(params, folders, workers=workers, progress=progress)
+    return counts, removed

@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 from grainlab.cli import params_from
+from grainlab.errors import GrainlabError, short
 from grainlab.images import write_json
 
 NOMAG = "-nomag"
 RUN_FILE = "run.json"  # the MLflow run that trained a model
+PX_PER_UM_RANGE = (0.01, 10_000.0)  # a physically sensible magnification: 100 um to 0.1 nm per pixel
+MAX_CROPS = 1_000_000
 
 
 def register(groups, common):
@@ -39,14 +42,18 @@ def register(groups, common):
         "print the distribution and write a saliency overlay PNG.",
     )
     classify.add_argument("image", help="micrograph (PNG, TIFF or JPEG)")
-    classify.add_argument("--px-per-um", required=True, help="magnification in pixels per micrometre")
+    classify.add_argument(
+        "--px-per-um",
+        required=True,
+        help=f"magnification in pixels per micrometre ({PX_PER_UM_RANGE[0]:g} to {PX_PER_UM_RANGE[1]:g})",
+    )
     classify.add_argument(
         "--model",
         default=None,
         help="model folder, runs:/ID/model or models:/NAME/VERSION (default: OUT_DIR/quiz1)",
     )
     classify.add_argument(
-        "--crops", type=int, default=None, help="crops (default: recognition.predict_crops)"
+        "--crops", type=int, default=None, help="crops, at least 1 (default: recognition.predict_crops)"
     )
     classify.add_argument(
         "--out", default=None, help="saliency PNG (default: outputs/recognition/classify/STEM.png)"
@@ -112,7 +119,11 @@ def run_train(args):
             task=task, model=name, stage="recognition-train", profile=params.profile
         )
         with tracking.run(
-            tracking.RECOGNITION_EXPERIMENT, run_name=name, params=run_params, tags=tags
+            tracking.RECOGNITION_EXPERIMENT,
+            run_name=name,
+            params=run_params,
+            tags=tags,
+            dataset=(f"{library.name}/{task}", library),
         ) as active:
             recognizer = train_recognizer(cfg, data, params.seed, on_epoch)
             tracking.set_tags({"device": str(recognizer.device)})
@@ -120,15 +131,15 @@ def run_train(args):
             write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
             for m, gmm in enumerate(recognizer.gmms):
                 tracking.log_metrics({"train/none_threshold": gmm.threshold}, step=m)
-            final = {
-                "train/triplet_loss": history["train/triplet_loss"],
-                "train/seconds": time.perf_counter() - start,
-            }
-            tracking.log_metrics(final)
+            final = {"train/triplet_loss": history["train/triplet_loss"]}
+            seconds = time.perf_counter() - start
+            tracking.log_metrics(
+                {**final, "train/seconds": seconds}
+            )  # the time in MLflow, not in DVC's metrics
             tracking.log_artifacts(model_dir, "model")
             log_recognizer_model(model_dir, recognizer.labels)
         summary.update({f"{name}/{k.split('/')[-1]}": v for k, v in final.items()})
-        print(f"{name}: saved {model_dir} ({final['train/seconds']:.0f} s)")
+        print(f"{name}: saved {model_dir} ({seconds:.0f} s)")
     write_json(Path(args.metrics) if args.metrics else out / "train_metrics.json", summary)
 
 
@@ -149,12 +160,23 @@ def run_classify(args):
     params = params_from(args)
     cfg = params.recognition
     m = check_px_per_um(args.px_per_um, "--px-per-um")
+    lo, hi = PX_PER_UM_RANGE
+    if not lo <= m <= hi:
+        raise GrainlabError(
+            f"--px-per-um = {short(args.px_per_um)}: expected the magnification in pixels per micrometre, "
+            f"a number between {lo:g} and {hi:g}"
+        )
+    n_crops = cfg.predict_crops if args.crops is None else args.crops
+    if not 1 <= n_crops <= MAX_CROPS:
+        raise GrainlabError(
+            f"--crops = {short(args.crops)}: expected a number of crops between 1 and {MAX_CROPS}"
+        )
     recognizer = _load_model(args.model, cfg.out_dir, cfg.device)
     img = read_image(args.image, max_pixels=params.data.max_image_pixels)
     pred = recognizer.predict(
         img,
         m,
-        n_crops=args.crops or cfg.predict_crops,
+        n_crops=n_crops,
         batch_size=cfg.batch_size,
         seed=params.seed,
         what=args.image,
@@ -178,7 +200,6 @@ def run_classify(args):
 
 def run_evaluate(args):
     from grainlab import tracking
-    from grainlab.errors import GrainlabError
     from grainlab.recognition.evaluate import comparison_table, run_quiz, write_report
     from grainlab.recognition.predict import Recognizer
     from grainlab.recognition.train import load_images

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from grainlab.errors import GrainlabError
+from grainlab.errors import GrainlabError, load_error_reason, short
 from grainlab.images import atomic_path, staged_dir, write_bytes
 from grainlab.recognition.crops import (
     check_px_per_um,
@@ -88,14 +89,27 @@ class Recognizer:
             raise GrainlabError(
                 f"{path}: recognition model not found; run `grainlab recognition train` first"
             )
+        expected = "expected a model.pt written by `grainlab recognition train`"
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt, foreign or malicious files
+            raise GrainlabError(
+                f"{path}: not a readable recognition checkpoint ({load_error_reason(exc)}); {expected}"
+            ) from None
+        try:
             nets = []
             for state in ckpt["state_dicts"]:
                 nets.append(TripletNet(**ckpt["model_args"]))
                 nets[-1].load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
-            raise GrainlabError(f"{path}: not a readable recognition checkpoint ({exc})") from None
+            if not nets:
+                raise ValueError("no networks")
+            cls._check_meta(ckpt)
+        except Exception as exc:
+            raise GrainlabError(
+                f"{path}: not a grainlab recognition checkpoint ({load_error_reason(exc)}); {expected}"
+            ) from None
         gmms = load_gmms(model_dir / GMM_FILE)
         if len(gmms) != len(nets):
             raise GrainlabError(
@@ -103,6 +117,15 @@ class Recognizer:
                 "expected one per network"
             )
         return cls(nets, gmms, ckpt, pick_device(device))
+
+    @staticmethod
+    def _check_meta(meta: dict) -> None:
+        """The crop settings `__init__` reads, as it reads them (a KeyError, TypeError or ValueError if not)."""
+        for key in ("crop_px", "crop_min_px", "crop_max_px"):
+            int(meta[key])
+        if len([float(v) for v in meta["px_per_um_range"]]) != 2:
+            raise ValueError(f"px_per_um_range = {short(meta['px_per_um_range'])}: expected (low, high)")
+        bool(meta["edge_channel"])
 
     def save(self, model_dir: str | Path) -> Path:
         """Write model.pt (plain tensors and values, readable with weights_only=True) and gmm.json,
