@@ -21,3 +21,15 @@ def servers(store):
     from serving_helpers import run_servers
 
     yield from run_servers(store)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tracking_uri):
+    """A project folder (the working directory) with the toy boundary dataset and a demo params.yaml."""
+    from test_boundaries_fixtures import write_data_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    write_data_root(tmp_path / "data")
+    (tmp_path / "params.yaml").write_text("profile: demo\n")
+    return tmp_path

@@ -12,12 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import test_reliability
 from grainlab.cli import main
 from grainlab.config import ConfigError, load_params
 from test_reliability import _grey_picture, _save_untrained_checkpoint, sets
 
-project = test_reliability.project  # the fixture: a project folder with the toy dataset
 MAX_LINE = 500
 
 

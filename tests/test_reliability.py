@@ -52,16 +52,6 @@ def tiny_library(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch, tracking_uri):
-    """A project folder with the toy boundary dataset and a demo params.yaml."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    write_data_root(tmp_path / "data")
-    (tmp_path / "params.yaml").write_text("profile: demo\n")
-    return tmp_path
-
-
 # --------------------------------------------------------------------------- SIGKILL, then --resume
 
 # Three short epochs of a tiny U-Net; the test-set snapshot at the last epoch only.

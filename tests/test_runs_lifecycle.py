@@ -15,21 +15,11 @@ import pytest
 from grainlab import urls
 from grainlab.boundaries.train import read_run_id
 from grainlab.errors import GrainlabError
-from test_boundaries_fixtures import write_data_root
 from test_reliability import KILL_RUN, sets
 
 GRAINLAB = Path(sys.executable).parent / "grainlab"
 # One long first epoch: the process is inside it, before any checkpoint, for many seconds.
 LONG_EPOCH = [*KILL_RUN, "boundaries.samples_per_epoch=4000"]
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, tracking_uri):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    write_data_root(tmp_path / "data")
-    (tmp_path / "params.yaml").write_text("profile: demo\n")
-    return tmp_path
 
 
 def _start_training(project: Path, tracking_uri: str, out: str):
