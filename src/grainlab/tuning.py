@@ -174,37 +174,15 @@ def recognition_objective(trial: optuna.Trial, params: Params, context: dict) ->
 
 def validation_accuracy(params: Params, on_epoch=None) -> float:
     """Fit a recognizer on part of a task's training images; its crop-averaged accuracy on the rest."""
-    from grainlab.recognition.train import LabelledImages, load_images, train_recognizer
+    from grainlab.recognition.select import holdout_split, predict_heldout
+    from grainlab.recognition.train import load_images, train_recognizer
 
     cfg, tune = params.recognition, params.tuning.recognition
     data = load_images(Path(params.data.root) / "microstructures", tune.task, "train")
-    rng = np.random.default_rng(params.seed)
-    val = np.concatenate(
-        [
-            rng.permutation(ids)[: max(1, round(len(ids) * tune.val_fraction))]
-            for ids in (np.flatnonzero(data.labels == k) for k in range(len(data.classes)))
-        ]
-    )
-    fit = np.setdiff1d(np.arange(len(data.images)), val)
-    part = LabelledImages(
-        [data.images[i] for i in fit],
-        data.px_per_um[fit],
-        data.labels[fit],
-        data.classes,
-        [data.entries[i] for i in fit],
-    )
-    recognizer = train_recognizer(cfg, part, params.seed, on_epoch)
-    answers = [
-        recognizer.predict(
-            data.images[i],
-            data.px_per_um[i],
-            n_crops=tune.eval_crops,
-            batch_size=cfg.batch_size,
-            seed=params.seed + int(i),
-        ).answer
-        for i in val
-    ]
-    return float(np.mean([a == data.classes[data.labels[i]] for a, i in zip(answers, val, strict=True)]))
+    fit, val = holdout_split(data.labels, len(data.classes), tune.val_fraction, params.seed)
+    recognizer = train_recognizer(cfg, data.subset(fit), params.seed, on_epoch)
+    preds = predict_heldout(recognizer, data, val, tune.eval_crops, cfg.batch_size, params.seed)
+    return float(np.mean([p.answer == data.classes[data.labels[i]] for p, i in zip(preds, val, strict=True)]))
 
 
 OBJECTIVES = {"boundaries": boundary_objective, "recognition": recognition_objective}
@@ -329,7 +307,23 @@ def run_study(
     while _finished(study) < n_trials and attempts < 3 * n_trials:
         attempts += 1
         # A failed trial (e.g. a diverged loss) is recorded as FAIL and the study goes on.
-        study.optimize(lambda t: objective(t, params, context), n_trials=1, catch=(GrainlabError,))
+        ran = []
+
+        def run_one(trial):
+            ran.append(trial.number)
+            return objective(trial, params, context)
+
+        try:
+            study.optimize(run_one, n_trials=1, catch=(GrainlabError,))
+        except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
+            # Optuna cannot record a trial that another worker already marked failed: this worker
+            # was too slow to send its heartbeat (an overloaded machine), and the trial is retried
+            # there. Its result is dropped and this worker goes on.
+            if not ran or study.get_trials(deepcopy=False)[ran[-1]].state != TrialState.FAIL:
+                raise
+            print(
+                f"tuning: trial {ran[-1]} was failed as stale by another worker; its retry counts", flush=True
+            )
     return export_results(study, context, n_trials)
 
 
