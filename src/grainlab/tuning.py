@@ -309,7 +309,7 @@ def run_study(
         # A failed trial (e.g. a diverged loss) is recorded as FAIL and the study goes on.
         ran = []
 
-        def run_one(trial):
+        def run_one(trial, ran=ran):
             ran.append(trial.number)
             return objective(trial, params, context)
 
