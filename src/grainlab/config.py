@@ -126,6 +126,10 @@ class TemConfig:
     dust_specks: float = opt(3.0, lo=0.0)  # mean number of contamination specks per image
     illumination_gradient: float = opt(0.15, lo=0.0, hi=1.0)
     visibility_contrast: float = opt(0.06, lo=0.0, hi=1.0)
+    texture: str = opt("random", choices=("random", "fiber111"))  # grain orientations: random or <111> fibre
+    texture_spread_deg: float = opt(4.0, lo=0.0, hi=45.0)  # std of the fibre axis about the film normal
+    drift_px: float = opt(3.0, lo=0.0, hi=100.0)  # std of the image shift of each exposure, per axis
+    rotation_deg: float = opt(0.3, lo=0.0, hi=10.0)  # std of the in-plane rotation of each exposure
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,8 @@ class TiltConfig:
     """Stage tilts in degrees. `grid` recipes use the fixed grid; `unique` draw at random."""
 
     grid_alpha_deg: tuple[float, ...] = opt(
-        (-30.0, -25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)
-    )
+        (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    )  # a goniometer sweep in 1 degree steps: neighbouring exposures share part of their contrast
     grid_beta_deg: float = opt(0.0, lo=-60.0, hi=60.0)
     max_alpha_deg: float = opt(30.0, lo=0.0, hi=80.0)
     max_beta_deg: float = opt(15.0, lo=0.0, hi=80.0)
@@ -216,7 +220,10 @@ class PostprocessConfig:
 
     method 'watershed' (smooth_px, marker_depth) closes every grain; 'skeleton' is the published
     pipeline (low/high hysteresis, dilate_px, min_hole_px, spur_px). min_grain_px and
-    drop_edge_grains apply to both.
+    drop_edge_grains apply to both. border_px: a band along the image edges where the map is
+    replaced by the values just inside it, so a bright scan edge never becomes a boundary.
+    Training calibrates method, low, high, dilate_px, spur_px, marker_depth and min_grain_px
+    on the validation split and stores them in the checkpoint (boundaries.postprocess_from).
     """
 
     method: str = opt("watershed", choices=("watershed", "skeleton"))
@@ -229,6 +236,7 @@ class PostprocessConfig:
     spur_px: int = opt(10, lo=0)
     min_grain_px: int = opt(20, lo=0)
     drop_edge_grains: bool = False
+    border_px: int = opt(0, lo=0, hi=64)  # ignore a band this wide along the image edges
 
 
 @dataclass(frozen=True)
@@ -257,6 +265,13 @@ class BoundaryConfig:
     compile: bool = False  # torch.compile the training forward and backward
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # where trace / evaluate / serving take the post-processing from: the settings calibrated
+    # on the validation split and stored in the checkpoint, or these params
+    postprocess_from: str = opt("checkpoint", choices=("checkpoint", "params"))
+    calibrate: bool = True  # search the post-processing settings at the end of training
+    # what the search maximises: f1 (mean boundary F1) or f1_heyn (F1 minus |Heyn intercept error|)
+    calibrate_objective: str = opt("f1", choices=("f1", "f1_heyn"))
+    tta: bool = False  # dihedral test-time augmentation: mean logits of the 8 flips / rotations
     tile_px: int = opt(512, lo=16, hi=8192)
     tile_overlap: float = opt(0.125, lo=0.0, hi=0.75)
     tile_batch: int = opt(8, lo=1, hi=1024)
@@ -339,6 +354,14 @@ class RecognitionConfig:
     gmm_crops_per_image: int = opt(24, lo=1)
     none_percentile: float = opt(15.0, lo=0.0, hi=100.0)
     none_threshold: float | None = None
+    # Held-out selection (recognition.select): these training images per class are held out from
+    # the fit and pick gmm_components and none_percentile from the grids; 0: no selection, the
+    # two values above are used as they are.
+    holdout_fraction: float = opt(0.2, lo=0.0, hi=0.9)
+    gmm_components_grid: tuple[int, ...] = opt((1, 2, 3, 4, 6))
+    none_percentile_grid: tuple[float, ...] = opt((1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0))
+    false_none_rate: float = opt(0.05, lo=0.0, hi=1.0)  # the most held-out known images answered "none"
+    select_crops: int = opt(50, lo=1)  # crops averaged per held-out image
     predict_crops: int = opt(1000, lo=1)
     eval_crops: int = opt(300, lo=1)
     batch_size: int = opt(250, lo=1)

@@ -294,7 +294,9 @@ class BoundaryModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["checkpoint"])
         cfg = self.model.params.get("boundaries", {})
         self.tile = (cfg.get("tile_px", 256), cfg.get("tile_overlap", 0.25), cfg.get("tile_batch", 8))
-        self.post = cfg.get("postprocess", {})
+        # the post-processing calibrated in training, unless the params say boundaries.postprocess_from: params
+        from_checkpoint = cfg.get("postprocess_from", "checkpoint") == "checkpoint" and self.model.postprocess
+        self.post = self.model.postprocess if from_checkpoint else cfg.get("postprocess", {})
         self.limits = serving_limits(
             self.model.params.get("data", {}).get("serving_max_pixels", DEFAULT_MAX_PIXELS)
         )

@@ -348,8 +348,11 @@ def create_run(experiment: str, run_name: str, tags: dict) -> str:
     return run.info.run_id
 
 
-def log_to_run(run_id: str, metrics: dict | None = None, artifacts=(), finish: bool = True):
-    """Log metrics and files to a run that is not the active one, and mark it finished."""
+def log_to_run(
+    run_id: str, metrics: dict | None = None, artifacts=(), finish: bool = True, status: str = "FINISHED"
+):
+    """Log metrics and files to a run that is not the active one, and end it with `status`
+    (FINISHED, or FAILED / KILLED) when finish."""
     from mlflow import MlflowClient
 
     _mlflow()
@@ -360,7 +363,7 @@ def log_to_run(run_id: str, metrics: dict | None = None, artifacts=(), finish: b
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     if finish:
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, status)
 
 
 # --------------------------------------------------------------------------- model registry

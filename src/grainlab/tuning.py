@@ -104,6 +104,8 @@ def suggest_recognition(trial: optuna.Trial, params: Params) -> dict:
         "recognition.margin": trial.suggest_float("margin", *cfg.margin),
         "recognition.none_percentile": trial.suggest_float("none_percentile", *cfg.none_percentile),
         "recognition.gmm_components": trial.suggest_int("gmm_components", *cfg.gmm_components),
+        # the trial's own none_percentile and gmm_components, not train's held-out selection of them
+        "recognition.holdout_fraction": 0.0,
         "recognition.lr": trial.suggest_float("lr", *cfg.lr, log=True),
         "recognition.descriptor_dim": trial.suggest_categorical("descriptor_dim", list(cfg.descriptor_dims)),
         "recognition.epochs": cfg.epochs,

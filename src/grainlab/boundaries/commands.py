@@ -34,6 +34,32 @@ def register(groups, common):
     train.add_argument("--out", default="outputs/boundaries", help="output root (default: %(default)s)")
     train.set_defaults(func=run_train)
 
+    crossval = verbs.add_parser(
+        "crossval",
+        parents=[common],
+        help="leave-sources-out cross-validation of the U-Net and the classical baseline",
+        description="Deal the dataset's sources (manifest regions) into K folds; for each fold train on the "
+        "other folds (post-processing calibrated on a validation split of them), calibrate the baseline on "
+        "them, and score both on the held-out sources: boundary F1 (skeleton vs skeleton), Heyn intercept "
+        "error, ASTM G difference, grain count error per source, mean and sd over sources. One MLflow parent "
+        "run with a nested run per fold; OUT/crossval.json and OUT/crossval.md.",
+    )
+    crossval.add_argument(
+        "--dataset", required=True, help="dataset name under data/grain_boundaries/, or a folder"
+    )
+    crossval.add_argument("--folds", type=int, default=7, help="number of folds (default: %(default)s)")
+    crossval.add_argument(
+        "--loss", default=None, help="loss name (default: boundaries.loss); see `boundaries losses`"
+    )
+    crossval.add_argument("--out", default=None, help="output folder (default: outputs/crossval/<dataset>)")
+    crossval.add_argument(
+        "--reuse-folds",
+        action="store_true",
+        help="do not train: reuse the fold networks under OUT/folds (trained with the same params) and "
+        "only calibrate the post-processing and score again (to measure post-processing or inference settings)",
+    )
+    crossval.set_defaults(func=run_crossval)
+
     trace = verbs.add_parser(
         "trace",
         parents=[common],
@@ -46,6 +72,14 @@ def register(groups, common):
     trace.add_argument("--out", required=True, help="output folder")
     trace.add_argument(
         "--pixel-size", type=float, default=None, metavar="NM", help="pixel size in nm (for ASTM G)"
+    )
+    trace.add_argument(
+        "--postprocess",
+        choices=("checkpoint", "params"),
+        default=None,
+        help="post-processing settings: those calibrated in training and stored in the checkpoint, or the "
+        "params' boundaries.postprocess (default: boundaries.postprocess_from, i.e. checkpoint; a checkpoint "
+        "without calibrated settings uses the params')",
     )
     trace.set_defaults(func=run_trace)
 
@@ -67,6 +101,14 @@ def register(groups, common):
         "boundary F1 and Heyn mean intercept per region",
     )
     evaluate.add_argument("--out", default=None, help="write the scores to this JSON file")
+    evaluate.add_argument(
+        "--postprocess",
+        choices=("checkpoint", "params"),
+        default=None,
+        help="post-processing settings: those calibrated in training and stored in the checkpoint, or the "
+        "params' boundaries.postprocess (default: boundaries.postprocess_from, i.e. checkpoint; a checkpoint "
+        "without calibrated settings uses the params')",
+    )
     evaluate.set_defaults(func=run_evaluate)
 
     study = verbs.add_parser(
@@ -103,13 +145,53 @@ def run_train(args):
     )
 
 
+def with_postprocess_from(params, choice: str | None):
+    """params with boundaries.postprocess_from set to the --postprocess choice, if one was given."""
+    import dataclasses
+
+    if choice is None:
+        return params
+    return dataclasses.replace(
+        params, boundaries=dataclasses.replace(params.boundaries, postprocess_from=choice)
+    )
+
+
+def describe_postprocess(model, cfg) -> str:
+    import dataclasses
+
+    from grainlab.boundaries.evaluate import model_postprocess, postprocess_source
+
+    post = dataclasses.asdict(model_postprocess(model, cfg))
+    source = postprocess_source(model, cfg)
+    where = "calibrated in training, from the checkpoint" if source == "checkpoint" else "from the params"
+    return f"post-processing ({where}): " + ", ".join(f"{k}={v}" for k, v in post.items())
+
+
+def run_crossval(args):
+    from grainlab.boundaries.crossval import markdown_table, run_crossval
+
+    params = params_from(args)
+    result = run_crossval(
+        params,
+        args.dataset,
+        args.folds,
+        Path(args.out) if args.out else None,
+        args.loss,
+        echo=lambda msg: print(msg, flush=True),
+        reuse=args.reuse_folds,
+    )
+    print(markdown_table(result.rows, result.summary))
+    print(f"wrote {result.json_path} and {result.markdown_path} (MLflow parent run {result.parent_run_id})")
+
+
 def run_trace(args):
     from grainlab.boundaries.infer import load_model
     from grainlab.boundaries.tracing import trace_files
 
-    params = params_from(args)
+    params = with_postprocess_from(params_from(args), args.postprocess)
     pixel_size = check_pixel_size(args.pixel_size)  # before anything is read or written
     model = load_model(args.model)
+    print(describe_postprocess(model, params.boundaries))
     rows = trace_files(
         model,
         [Path(p) for p in args.images],
@@ -130,7 +212,7 @@ def run_evaluate(args):
     from grainlab.boundaries.train import test_items
     from grainlab.datasets.folder import load_test_set
 
-    params = params_from(args)
+    params = with_postprocess_from(params_from(args), args.postprocess)
     cfg = params.boundaries
     if args.dataset:
         return evaluate_regions(args, params)
@@ -140,6 +222,7 @@ def run_evaluate(args):
     tracers = {"baseline": (baseline_tracer(cfg), "rgb" if cfg.unet.in_channels == 3 else "grey")}
     if args.model:
         model = load_model(args.model)
+        print(describe_postprocess(model, cfg))
         tracers["model"] = (model_tracer(model, cfg), "rgb" if model.in_channels == 3 else "grey")
     scores = {
         name: summarise(score_items(t, items, ch, cfg.tolerance_px)) for name, (t, ch) in tracers.items()
@@ -177,6 +260,7 @@ def evaluate_regions(args, params):
     if not args.model:
         raise GrainlabError("evaluate --dataset needs --model (a checkpoint or MLflow URI)")
     model = load_model(args.model)
+    print(describe_postprocess(model, cfg))
     channels = "rgb" if model.in_channels == 3 else "grey"
     dataset = load_dataset(dataset_root(params, args.dataset))
     _, val = split_by_region(dataset.pairs, cfg.val_fraction, params.seed)

@@ -10,7 +10,7 @@ import numpy as np
 
 from grainlab.boundaries.baseline import trace_classical
 from grainlab.boundaries.grains import Postprocess, heyn_intercept, label_grains, trace_boundaries
-from grainlab.boundaries.infer import LoadedModel, predict_probability
+from grainlab.boundaries.infer import LoadedModel, predict_probability, predict_probability_dihedral
 from grainlab.boundaries.metrics import boundary_scores, mean_scores, score_tracing
 from grainlab.config import BoundaryConfig, to_dict
 from grainlab.datasets.folder import TestItem
@@ -30,11 +30,34 @@ def postprocess_settings(cfg: BoundaryConfig) -> Postprocess:
     return Postprocess(**to_dict(cfg.postprocess))
 
 
-def model_tracer(model: LoadedModel, cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
-    post = postprocess_settings(cfg)
+def postprocess_source(model: LoadedModel, cfg: BoundaryConfig) -> str:
+    """Where the model's post-processing comes from: 'checkpoint' (calibrated in training) when
+    boundaries.postprocess_from says so and the checkpoint has them, else 'params'."""
+    return "checkpoint" if cfg.postprocess_from == "checkpoint" and model.postprocess else "params"
+
+
+def model_postprocess(model: LoadedModel, cfg: BoundaryConfig) -> Postprocess:
+    """The post-processing settings a model traces with (see `postprocess_source`)."""
+    if postprocess_source(model, cfg) == "checkpoint":
+        known = set(Postprocess.__dataclass_fields__)
+        return Postprocess(**{k: v for k, v in model.postprocess.items() if k in known})
+    return postprocess_settings(cfg)
+
+
+def model_probability(model: LoadedModel, image: np.ndarray, cfg: BoundaryConfig) -> np.ndarray:
+    """The boundary probability map, with dihedral test-time augmentation when boundaries.tta."""
+    predict = predict_probability_dihedral if cfg.tta else predict_probability
+    return predict(model, image, cfg.tile_px, cfg.tile_overlap, cfg.tile_batch)
+
+
+def model_tracer(
+    model: LoadedModel, cfg: BoundaryConfig, post: Postprocess | None = None
+) -> Callable[[np.ndarray], Tracing]:
+    """Image -> Tracing with the model; post-processing `post`, by default `model_postprocess`."""
+    post = post or model_postprocess(model, cfg)
 
     def trace(image):
-        prob = predict_probability(model, image, cfg.tile_px, cfg.tile_overlap, cfg.tile_batch)
+        prob = model_probability(model, image, cfg)
         tracing = trace_boundaries(prob, post)
         return Tracing(prob, tracing, label_grains(tracing, post))
 

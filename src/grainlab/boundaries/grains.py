@@ -36,6 +36,7 @@ class Postprocess:
     spur_px: int = 10
     min_grain_px: int = 20
     drop_edge_grains: bool = False
+    border_px: int = 0
 
 
 def prune_spurs(skeleton: np.ndarray, max_length: int, passes: int = 2) -> np.ndarray:
@@ -78,8 +79,25 @@ def prune_spurs(skeleton: np.ndarray, max_length: int, passes: int = 2) -> np.nd
     return skel
 
 
+def ignore_border(prob: np.ndarray, border_px: int) -> np.ndarray:
+    """The map with a band of `border_px` px along each image edge replaced by the values just
+    inside it, copied outwards perpendicular to the edge.
+
+    A bright or dark scan edge (the frame of a micrograph, a cut edge) makes a line parallel
+    to the border that is not a grain boundary: in the band it is overwritten. A boundary that
+    crosses the band runs on unchanged to the edge, so grains at the edge stay closed.
+    """
+    b = int(border_px)
+    h, w = prob.shape
+    if b <= 0 or h <= 2 * b or w <= 2 * b:
+        return prob
+    return np.pad(prob[b : h - b, b : w - b], b, mode="edge")
+
+
 def trace_boundaries(prob: np.ndarray, post: Postprocess = Postprocess()) -> np.ndarray:
-    """Probability map -> one-pixel boundary tracing (bool), by post.method."""
+    """Probability map -> one-pixel boundary tracing (bool), by post.method; the border band
+    (post.border_px) is ignored first (see `ignore_border`)."""
+    prob = ignore_border(prob, post.border_px)
     if post.method == "watershed":
         return watershed_boundaries(prob, post)
     return skeleton_boundaries(prob, post)
@@ -130,13 +148,20 @@ def fill_partition(labels: np.ndarray) -> np.ndarray:
     return segmentation.expand_labels(labels, distance=max(labels.shape)).astype(np.int32)
 
 
-def heyn_intercept(tracing: np.ndarray, spacing: int = 8) -> float:
-    """Mean lineal intercept in px (Heyn): test-line length per boundary crossing; inf if none."""
+def heyn_counts(tracing: np.ndarray, spacing: int = 8) -> tuple[int, int]:
+    """(total test-line length px, boundary crossings) of the Heyn grid on one tracing; the
+    counts of several fields add up to their pooled mean intercept."""
     t = tracing.astype(bool)
     lines = [t[y, :] for y in range(spacing // 2, t.shape[0], spacing)]
     lines += [t[:, x] for x in range(spacing // 2, t.shape[1], spacing)]
     length = sum(len(line) for line in lines)
     crossings = sum(int(np.count_nonzero(np.diff(line.astype(np.int8)) == 1) + line[0]) for line in lines)
+    return length, crossings
+
+
+def heyn_intercept(tracing: np.ndarray, spacing: int = 8) -> float:
+    """Mean lineal intercept in px (Heyn): test-line length per boundary crossing; inf if none."""
+    length, crossings = heyn_counts(tracing, spacing)
     return length / crossings if crossings else float("inf")
 
 

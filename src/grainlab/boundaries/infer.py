@@ -83,6 +83,7 @@ class LoadedModel:
     device: torch.device
     params: dict
     epoch: int
+    postprocess: dict | None = None  # the post-processing calibrated in training, if the checkpoint has it
 
     @property
     def in_channels(self) -> int:
@@ -140,7 +141,14 @@ def load_model(source: str | Path, device: torch.device | None = None) -> Loaded
     net.eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    return LoadedModel(net, device, ckpt.get("params", {}), int(ckpt.get("epoch", 0)))
+    post = ckpt.get("postprocess")
+    return LoadedModel(
+        net,
+        device,
+        ckpt.get("params", {}),
+        int(ckpt.get("epoch", 0)),
+        post if isinstance(post, dict) else None,
+    )
 
 
 def blend_window(length: int, ramp: int) -> np.ndarray:
@@ -257,6 +265,26 @@ def predict_probability(
         rows += 1
         np.reciprocal(rows, out=rows)
     return out
+
+
+def predict_probability_dihedral(
+    model: LoadedModel, image: np.ndarray, tile: int = 512, overlap: float = 0.125, batch_size: int = 8
+) -> np.ndarray:
+    """Dihedral test-time augmentation: the boundary probability from the mean logits of the
+    image under its 8 flips and 90-degree rotations, each mapped back before averaging."""
+    image = np.asarray(image, dtype=np.float32)
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            view = np.rot90(image, k, axes=(0, 1))
+            if flip:
+                view = view[:, ::-1]
+            logits = predict_logits(model, np.ascontiguousarray(view), tile, overlap, batch_size)
+            if flip:
+                logits = logits[:, ::-1]
+            logits = np.rot90(logits, -k, axes=(0, 1))
+            total = logits.copy() if total is None else total + logits
+    return (1 / (1 + np.exp(-np.clip(total / 8, -50, 50)))).astype(np.float32)
 
 
 def _row_chunks(array: np.ndarray, pixels: int = 1 << 20):

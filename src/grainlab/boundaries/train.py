@@ -4,7 +4,9 @@ A run writes into outputs/boundaries/<dataset>-<loss>/:
 
     checkpoints/last.pt    written after each validation (every boundaries.eval_every epochs,
                            atomically): model, optimizer, RNG states,
-                           epoch, history, params; `resume` goes on from it
+                           epoch, history, params; `resume` goes on from it. At the end it
+                           also holds "postprocess": the post-processing settings calibrated
+                           on the validation split (boundaries.calibrate; see `calibrate`)
     snapshots/             test-image predictions and test grain diameters at the snapshot epochs
     history.csv            per-epoch curves (for `dvc plots`)
     metrics.json           final validation metrics and test metrics per snapshot (for DVC)
@@ -34,9 +36,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from grainlab import tracking
+from grainlab.boundaries.calibrate import calibrate_postprocess, postprocess_dict
+from grainlab.boundaries.calibrate import truth_maps as reference_truths
 from grainlab.boundaries.cpu_parallel import SplitBatch, cpu_parts
 from grainlab.boundaries.data import CropDataset, CropSampler, build_augmentation, load_pairs
-from grainlab.boundaries.evaluate import model_tracer, postprocess_settings, score_items, summarise
+from grainlab.boundaries.evaluate import (
+    model_probability,
+    model_tracer,
+    postprocess_settings,
+    score_items,
+    summarise,
+)
 from grainlab.boundaries.grains import equivalent_diameters, label_grains, trace_boundaries
 from grainlab.boundaries.infer import (
     LoadedModel,
@@ -338,17 +348,26 @@ def train_boundaries(
     run_tags: dict | None = None,
     on_epoch=None,
     on_run=None,
+    regions=None,
 ) -> TrainResult:
     """Train one (dataset, loss) run; see the module docstring for what it writes.
 
     on_run(run_id) is called once the MLflow run exists, on_epoch(epoch, metrics) after each
-    epoch (an Optuna trial reports and prunes there); parent_run_id nests the run.
+    epoch (an Optuna trial reports and prunes there); parent_run_id nests the run. regions, if
+    given, restricts the dataset to the pairs of these regions (sources) before the split
+    (cross-validation trains on its training folds only).
+
+    With boundaries.calibrate the post-processing of the last epoch's weights is calibrated on
+    the validation split: the settings that maximise the mean boundary F1 there
+    (`calibrate.calibrate_postprocess`) go into the last checkpoint under "postprocess" and
+    are logged as `calibrated/*` metrics and `postprocess.*` tags.
     """
     cfg = params.boundaries
     loss = loss or cfg.loss
     loss_fn = make_loss(loss, **cfg.loss_args.get(loss, {}))
     ds = load_dataset(dataset_root(params, dataset))
-    train_pairs, val_pairs = split_by_region(ds.pairs, cfg.val_fraction, params.seed)
+    pairs = ds.pairs if regions is None else [p for p in ds.pairs if p.region in set(regions)]
+    train_pairs, val_pairs = split_by_region(pairs, cfg.val_fraction, params.seed)
     if cfg.val_max_images:  # spread over the validation regions
         val_pairs = val_pairs[:: max(1, len(val_pairs) // cfg.val_max_images)][: cfg.val_max_images]
     out_dir = Path(out_root) / f"{ds.name}-{loss}"
@@ -368,7 +387,7 @@ def train_boundaries(
     loader = crop_loader(dataset, sampler, cfg.batch_size, cfg.workers, device, params.seed)
 
     history: list[dict] = []
-    start_epoch, run_id = 1, None
+    start_epoch, run_id, calibrated = 1, None, None
     if resume:
         ckpt = read_checkpoint(ckpt_path)
         _check_resume_params(ckpt["params"], params, ckpt_path)
@@ -428,6 +447,8 @@ def train_boundaries(
             )  # with the first checkpoint: the run `resume` continues
             if new_run_file:
                 write_json(out_dir / RUN_FILE, {"run_id": run_id})
+            if epoch == cfg.epochs and cfg.calibrate and val_samples:  # the final weights' post-processing
+                calibrated = calibrate_model(model, val_samples, params)
             try:
                 save_checkpoint(
                     ckpt_path,
@@ -441,6 +462,11 @@ def train_boundaries(
                         "params": to_dict(params),
                         "dataset": ds.name,
                         "loss": loss,
+                        **(
+                            {"postprocess": calibrated[0], "postprocess_calibration": calibrated[1]}
+                            if calibrated
+                            else {}
+                        ),
                     },
                 )
             except Exception:  # e.g. a full disk: leave no run file without its checkpoint
@@ -450,6 +476,10 @@ def train_boundaries(
             if on_epoch is not None:
                 on_epoch(epoch, row)
         metrics = final_metrics(history, cfg.snapshot_epochs)
+        if calibrated:
+            tracking.set_tags({f"postprocess.{k}": v for k, v in calibrated[0].items()})
+            metrics.update({f"calibrated/{k}": v for k, v in calibrated[1].items()})
+            tracking.log_metrics({f"calibrated/{k}": v for k, v in calibrated[1].items()})
         write_outputs(out_dir, history, metrics, f"{ds.name} / {loss}")
         if (out_dir / "snapshots").is_dir():
             tracking.log_artifacts(out_dir / "snapshots", "snapshots")
@@ -461,6 +491,70 @@ def train_boundaries(
             log_boundary_model(ckpt_path)
             tracking.set_tags({MODEL_LOGGED_TAG: "true"})
     return TrainResult(out_dir, run_id, history, metrics)
+
+
+def _hwc(chw: np.ndarray) -> np.ndarray:
+    """A loaded (C, H, W) sample image as the (H, W) or (H, W, 3) float32 image inference takes."""
+    chw = chw.astype(np.float32)
+    return np.moveaxis(chw, 0, 2) if chw.shape[0] == 3 else chw[0]
+
+
+def calibrate_model(model: LoadedModel, samples, params: Params) -> tuple[dict, dict]:
+    """(settings, report): the post-processing calibrated on the validation samples
+    (`calibrate.calibrate_postprocess`, maximising the mean boundary F1)."""
+    cfg = params.boundaries
+    model.net.eval()
+    probs = [model_probability(model, _hwc(image), cfg) for image, _ in samples]
+    truths = reference_truths([s[1] for s in samples])
+    post, report = calibrate_postprocess(
+        probs, truths, postprocess_settings(cfg), cfg.tolerance_px, cfg.calibrate_objective
+    )
+    return postprocess_dict(post), report
+
+
+# settings that change only how a trained network's output is used, not the network
+INFERENCE_KEYS = ("boundaries.postprocess", "boundaries.tta", "boundaries.calibrate", "boundaries.tile_")
+# (boundaries.postprocess_from and boundaries.calibrate_objective start with these too)
+
+
+def check_reusable(params: Params, ckpt_path: Path):
+    """Raise unless the checkpoint was trained with these params (the seed and the boundaries
+    section, which is all that training reads), but for INFERENCE_KEYS."""
+    now, before = flatten(params), flatten(read_checkpoint(ckpt_path)["params"])
+    changed = sorted(
+        k
+        for k in set(now) | set(before)
+        if (k == "seed" or k.startswith("boundaries."))
+        and not k.startswith(INFERENCE_KEYS)
+        and now.get(k) != before.get(k)
+    )
+    if changed:
+        raise GrainlabError(
+            f"{ckpt_path}: cannot reuse, the params differ from the checkpoint's in {', '.join(changed[:5])}; "
+            "only post-processing and inference settings may change"
+        )
+
+
+def recalibrate(params: Params, dataset: str, ckpt_path: Path, regions=None) -> dict:
+    """Calibrate the post-processing of a finished run again, with these params' inference
+    settings (border band, test-time augmentation), on the validation split it trained with,
+    and store it in its checkpoint; returns the calibration's report. The params may differ
+    from the checkpoint's only in INFERENCE_KEYS (the split and the weights stay the same)."""
+    cfg = params.boundaries
+    check_reusable(params, ckpt_path)
+    ds = load_dataset(dataset_root(params, dataset))
+    pairs = ds.pairs if regions is None else [p for p in ds.pairs if p.region in set(regions)]
+    _, val_pairs = split_by_region(pairs, cfg.val_fraction, params.seed)
+    if cfg.val_max_images:
+        val_pairs = val_pairs[:: max(1, len(val_pairs) // cfg.val_max_images)][: cfg.val_max_images]
+    samples = load_pairs(val_pairs, cfg.unet.in_channels, params.data.max_image_pixels)
+    from grainlab.boundaries.infer import load_model
+
+    settings, report = calibrate_model(load_model(ckpt_path, pick_device()), samples, params)
+    ckpt = read_checkpoint(ckpt_path)
+    ckpt["postprocess"], ckpt["postprocess_calibration"] = settings, report
+    save_checkpoint(ckpt_path, ckpt)
+    return report
 
 
 def read_run_id(out_dir: Path) -> str | None:

@@ -28,6 +28,9 @@ from grainlab.synth import micro
 NONE = "none"
 MANIFEST = "manifest.json"
 QUIZ2_CLASSES = tuple(micro.VARIANTS)
+# Fresh quizzes (`recognition evaluate --seeds`) draw their seeds from here on: a range that no
+# library, training member or held-out split uses (those take the params seed and a few above it).
+FRESH_SEED_BASE = 1_000_000
 
 
 def _log_uniform_strata(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
@@ -109,13 +112,49 @@ def build_library(cfg: MicroConfig, out_dir: Path, seed: int, workers: int) -> N
     else:
         for job in jobs:
             _render_entry(job)
-    tasks = {
+    manifest = {"seed": seed, "image_px": cfg.image_px, "none": NONE, "tasks": _tasks(), "images": entries}
+    write_json(out_dir / MANIFEST, manifest, sort_keys=True)
+    write_preview(out_dir, out_dir / "preview.png")
+
+
+def _tasks() -> dict:
+    return {
         "quiz1": {"classes": list(micro.KNOWN), "unknown": list(micro.UNKNOWN)},
         "quiz2": {"classes": list(QUIZ2_CLASSES), "unknown": []},
     }
-    manifest = {"seed": seed, "image_px": cfg.image_px, "none": NONE, "tasks": tasks, "images": entries}
+
+
+def fresh_seeds(n: int, used, first: int | None = None) -> list[int]:
+    """n quiz seeds from FRESH_SEED_BASE (or `first`) on, none of them in `used` (the library,
+    training and selection seeds): a GrainlabError if one is."""
+    first = FRESH_SEED_BASE if first is None else int(first)
+    seeds = list(range(first, first + n))
+    clash = sorted(set(seeds) & {int(u) for u in used})
+    if clash:
+        raise GrainlabError(
+            f"fresh quiz seeds {clash} were used for the library, training or selection; expected unused seeds"
+        )
+    return seeds
+
+
+def build_quiz(
+    cfg: MicroConfig, out_dir: Path, seed: int, tasks=("quiz1", "quiz2"), workers: int = 1
+) -> Path:
+    """A fresh quiz: the quiz split of the library `build_library(cfg, ..., seed)` would plan
+    (same classes, counts, magnification ranges and styles; new random images), rendered into
+    out_dir with its own manifest. Nothing else is read or written."""
+    out_dir = Path(out_dir)
+    entries = [e for e in plan_library(cfg, seed) if e["split"] == "quiz" and e["task"] in tasks]
+    jobs = [(i, e, cfg.image_px, seed, str(out_dir)) for i, e in enumerate(entries)]
+    if workers > 1:
+        with process_pool(workers) as pool:
+            list(pool.map(_render_entry, jobs, chunksize=8))
+    else:
+        for job in jobs:
+            _render_entry(job)
+    manifest = {"seed": seed, "image_px": cfg.image_px, "none": NONE, "tasks": _tasks(), "images": entries}
     write_json(out_dir / MANIFEST, manifest, sort_keys=True)
-    write_preview(out_dir, out_dir / "preview.png")
+    return out_dir
 
 
 def load_manifest(library_dir: Path) -> dict:

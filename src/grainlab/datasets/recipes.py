@@ -67,6 +67,14 @@ def choose_tilts(recipe: RecipeConfig, params: Params, rng) -> list[tuple[float,
     return distinct + repeats
 
 
+def max_tilts(params: Params, recipe: RecipeConfig | None = None) -> tuple[float, float]:
+    """The largest |alpha|, |beta| a recipe (None: the test set) uses: sets the specimen margin."""
+    t = params.tilts
+    if recipe is not None and recipe.tilt_mode == "grid":
+        return max((abs(a) for a in t.grid_alpha_deg), default=0.0), abs(t.grid_beta_deg)
+    return t.max_alpha_deg, t.max_beta_deg
+
+
 def _image_path(name: str, fmt: str) -> str:
     return f"images/{name}.{'tif' if fmt == 'tiff16' else 'png'}"
 
@@ -75,11 +83,11 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
     """Generate one region of a recipe (or of the test set), write its files, return its pairs."""
     rng = region_rng(params.seed, dataset, index)
     cfg, fmt = params.tem, params.data.image_format
-    region = tem.make_region(cfg, rng)
+    region = tem.make_region(cfg, rng, max_tilts(params, params.recipes.get(dataset)))
     rid = f"r{index:03d}"
-    truth = out / "truth"
-    write_labels(truth / f"{rid}_grains.png", region.grains)
-    write_mask(truth / f"{rid}_boundaries.png", region.boundaries)
+    truth = out / "truth"  # region files: the reference view (untilted, undrifted), as composite tracings
+    write_labels(truth / f"{rid}_grains.png", tem.sequential_grains(region.reference(region.grains)))
+    write_mask(truth / f"{rid}_boundaries.png", region.reference(region.boundaries))
 
     if dataset == TEST_SET:
         n = params.test_set.tilts_per_region
@@ -101,15 +109,18 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
     rendered = [tem.render(region, cfg, a, b, rng) for a, b in tilts]
     pairs = []
     if recipe is not None and recipe.label_mode == "composite":
-        union = np.logical_or.reduce([visible for _, visible in rendered])
+        # One tracing of the whole series, drawn in the reference view: it misaligns with tilted and
+        # drifted exposures as a real composite tracing does.
+        union = np.logical_or.reduce([shot.visible for shot in rendered])
         guide = tem.bend_contour_map(region, cfg, *tilts[0])
         composite = f"labels/{rid}.png"
-        write_mask(out / composite, tem.trace(region, union, tracer, rng, guide))
+        write_mask(out / composite, region.reference(tem.trace(region, union, tracer, rng, guide)))
 
-    for k, ((alpha, beta), (image, visible)) in enumerate(zip(tilts, rendered, strict=True)):
+    for k, ((alpha, beta), shot) in enumerate(zip(tilts, rendered, strict=True)):
         name = f"{rid}_{k:02d}"
         img_rel = _image_path(name, fmt)
-        write_image(out / img_rel, image, bits=16 if fmt == "tiff16" else 8)
+        write_image(out / img_rel, shot.image, bits=16 if fmt == "tiff16" else 8)
+        grains, boundaries, visible = tem.image_truth(region, shot.affine, shot.visible)
         write_mask(truth / "visible" / f"{name}.png", visible)
         entry = {
             "image": img_rel,
@@ -117,18 +128,22 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
             "tilt_deg": [alpha, beta],
             "pixel_size_nm": cfg.pixel_nm,
             "visible": f"truth/visible/{name}.png",
+            # true transform, reference-view pixels (x, y, 1) -> this image's pixels
+            "affine": [[round(float(v), 6) for v in row] for row in shot.affine],
         }
         if recipe is None:
             entry["label"] = f"labels/{name}.png"
             entry["grains"] = f"grains/{name}.png"
-            write_mask(out / entry["label"], region.boundaries)
-            write_labels(out / entry["grains"], region.grains)
+            write_mask(out / entry["label"], boundaries)
+            write_labels(out / entry["grains"], grains)
         elif recipe.label_mode == "composite":
             entry["label"] = composite
         else:
+            # The tracer draws on the image itself: the tracing is in the image frame.
             entry["label"] = f"labels/{name}.png"
             guide = tem.bend_contour_map(region, cfg, alpha, beta)
-            write_mask(out / entry["label"], tem.trace(region, visible, tracer, rng, guide))
+            traced = tem.trace(region, shot.visible, tracer, rng, guide)
+            write_mask(out / entry["label"], tem.warp_to_image(region, shot.affine, traced, "mask"))
         if recipe is not None:
             entry.update(label_mode=recipe.label_mode, tracer=recipe.tracer, tracer_settings=asdict(tracer))
         pairs.append(entry)

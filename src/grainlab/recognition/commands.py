@@ -72,6 +72,24 @@ def register(groups, common):
     evaluate.add_argument("--models", default=None, help="model folder (default: recognition.out_dir)")
     evaluate.add_argument("--out", default="reports/recognition", help="report folder (default: %(default)s)")
     evaluate.add_argument("--metrics", default=None, help="metrics JSON (default: OUT/metrics.json)")
+    evaluate.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="also draw this many fresh quizzes (same classes and settings, new random images, seeds "
+        "that no library, training or selection used) and report mean ± sd and per-quiz figures",
+    )
+    evaluate.add_argument(
+        "--first-seed",
+        type=int,
+        default=None,
+        help="the first fresh-quiz seed (default: microstructures.FRESH_SEED_BASE = 1000000)",
+    )
+    evaluate.add_argument(
+        "--quiz-dir",
+        default=None,
+        help="where the fresh quizzes are rendered (default: a temporary folder, removed afterwards)",
+    )
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -131,6 +149,34 @@ def run_train(args):
             write_json(model_dir / RUN_FILE, {"run_id": active.info.run_id})
             for m, gmm in enumerate(recognizer.gmms):
                 tracking.log_metrics({"train/none_threshold": gmm.threshold}, step=m)
+            sel = recognizer.selection
+            if sel is not None:  # what the held-out training images chose (also in gmm.json)
+                tracking.log_params(
+                    {
+                        "selected.gmm_components": sel["gmm_components"],
+                        "selected.none_percentile": sel["none_percentile"],
+                    }
+                )
+                tracking.log_metrics(
+                    {
+                        "select/gmm_components": sel["gmm_components"],
+                        "select/heldout_accuracy": sel["accuracy"],
+                        "select/heldout_false_none": sel["false_none"],
+                        "select/heldout_images": len(sel["holdout_images"]),
+                        "select/seconds": recognizer.selection_seconds,
+                        **(
+                            {"select/none_percentile": sel["none_percentile"]}
+                            if sel["none_percentile"] is not None
+                            else {}
+                        ),
+                    }
+                )
+                print(
+                    f"{name}: held-out selection ({len(sel['holdout_images'])} training images): "
+                    f"{sel['gmm_components']} GMM components, none percentile {sel['none_percentile']}, "
+                    f"held-out accuracy {sel['accuracy']:.3f}, false 'none' {sel['false_none']:.3f} "
+                    f"({recognizer.selection_seconds:.1f} s)"
+                )
             final = {"train/triplet_loss": history["train/triplet_loss"]}
             seconds = time.perf_counter() - start
             tracking.log_metrics(
@@ -200,7 +246,7 @@ def run_classify(args):
 
 def run_evaluate(args):
     from grainlab import tracking
-    from grainlab.recognition.evaluate import comparison_table, run_quiz, write_report
+    from grainlab.recognition.evaluate import comparison_table, fresh_table, run_quiz, write_report
     from grainlab.recognition.predict import Recognizer
     from grainlab.recognition.train import load_images
 
@@ -240,9 +286,78 @@ def run_evaluate(args):
             )
         table = comparison_table(all_metrics)
         (reports / "comparison.md").write_text("# Recognition quiz results\n\n" + table)
+        fresh = _fresh_quizzes(args, params, library, models, found) if args.seeds else {}
+        if fresh:
+            fresh_md = fresh_table(fresh)
+            (reports / "fresh_quizzes.md").write_text(
+                f"# Recognition on {args.seeds} fresh quizzes\n\n" + fresh_md
+            )
+            for name, summary in fresh.items():
+                all_metrics[name].update(summary)
+                tracking.log_metrics({f"{name}/{k}": v for k, v in summary.items()})
         tracking.log_artifacts(reports, "reports")
     print(table)
+    if fresh:
+        print(fresh_md)
     write_json(
         Path(args.metrics) if args.metrics else reports / "metrics.json",
         {f"{n}/{k}": v for n, m in all_metrics.items() for k, v in m.items()},
     )
+
+
+def _fresh_quizzes(args, params, library: Path, models: Path, found) -> dict[str, dict]:
+    """Draw `args.seeds` fresh quizzes and score every found model on each: {model: fresh_summary}.
+    The training library is only read (its manifest's seed and image size), never written."""
+    import tempfile
+
+    from grainlab.datasets.microstructures import build_quiz, fresh_seeds, load_manifest, plan_library
+    from grainlab.recognition.evaluate import fresh_summary, quiz_metrics, run_quiz
+    from grainlab.recognition.predict import Recognizer
+    from grainlab.recognition.train import load_images
+
+    cfg, micro_cfg = params.recognition, params.microstructures
+    if args.seeds < 0:
+        raise GrainlabError(f"--seeds = {args.seeds}: expected a number of fresh quizzes, 0 or more")
+    manifest = load_manifest(library)
+    if manifest.get("image_px") != micro_cfg.image_px:
+        raise GrainlabError(
+            f"{library}: images of {manifest.get('image_px')} px, but microstructures.image_px = "
+            f"{micro_cfg.image_px}; expected the settings the library was built with"
+        )
+
+    def quiz_counts(images):
+        return sorted(
+            (
+                e["task"],
+                e["class"],
+                sum(1 for f in images if f["split"] == "quiz" and f["class"] == e["class"]),
+            )
+            for e in {(e["task"], e["class"]): e for e in images if e["split"] == "quiz"}.values()
+        )
+
+    if quiz_counts(plan_library(micro_cfg, manifest["seed"])) != quiz_counts(manifest["images"]):
+        raise GrainlabError(
+            f"{library}: its quizzes differ from those the microstructures settings plan; expected the "
+            "settings the library was built with"
+        )
+    # Training members use seed .. seed + members - 1, the held-out split the seed itself.
+    used = {int(manifest["seed"]), *(params.seed + m for m in range(cfg.members))}
+    seeds = fresh_seeds(args.seeds, used, args.first_seed)
+    tasks = sorted({task for _, task in found})
+    recognizers = {name: Recognizer.load(models / name, cfg.device) for name, _ in found}
+    per_quiz: dict[str, dict[int, dict]] = {name: {} for name, _ in found}
+    with tempfile.TemporaryDirectory(prefix="grainlab-fresh-quiz-") as tmp:
+        base = Path(args.quiz_dir) if args.quiz_dir else Path(tmp)
+        for seed in seeds:
+            quiz_dir = build_quiz(micro_cfg, base / f"seed{seed}", seed, tasks, params.data.workers)
+            for name, task in found:
+                quiz = load_images(quiz_dir, task, "quiz")
+                result = run_quiz(recognizers[name], quiz, name, cfg.eval_crops, cfg.batch_size, params.seed)
+                per_quiz[name][seed] = quiz_metrics(result)
+                m = per_quiz[name][seed]
+                print(
+                    f"{name} fresh quiz seed {seed}: accuracy {m['quiz_accuracy']:.3f}"
+                    + (f", AUROC {m['open_set_auroc']:.3f}, FPR95 {m['fpr95']:.3f}" if "fpr95" in m else ""),
+                    flush=True,
+                )
+    return {name: fresh_summary(per) for name, per in per_quiz.items()}

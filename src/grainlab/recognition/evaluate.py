@@ -61,6 +61,47 @@ def oscr(correct: np.ndarray, known_scores: np.ndarray, unknown_scores: np.ndarr
     return float(np.trapezoid(ccr, fpr))
 
 
+def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """FPR95: the share of unknown images accepted at the highest threshold that still accepts at
+    least `tpr` of the known ones (higher score = more typical of the known classes)."""
+    known = np.sort(np.asarray(known_scores, float))
+    threshold = known[int(np.floor((1 - tpr) * len(known) + 1e-9))]
+    return float(np.mean(np.asarray(unknown_scores, float) >= threshold))
+
+
+FRESH_KEYS = ("quiz_accuracy", "closed_accuracy", "open_set_auroc", "oscr", "fpr95")
+
+
+def fresh_summary(per_quiz: dict[int, dict]) -> dict:
+    """{seed: quiz metrics} -> mean, sd (n - 1, with two or more quizzes) and the per-quiz figures."""
+    out = {"fresh_quizzes": len(per_quiz)}
+    for k in FRESH_KEYS:
+        values = np.array([m[k] for m in per_quiz.values() if k in m], float)
+        if len(values):
+            out[f"fresh_mean/{k}"] = float(values.mean())
+            if len(values) > 1:
+                out[f"fresh_sd/{k}"] = float(values.std(ddof=1))
+    for seed, m in per_quiz.items():
+        out.update({f"fresh_seed{seed}/{k}": m[k] for k in FRESH_KEYS if k in m})
+    return out
+
+
+def fresh_table(summaries: dict[str, dict]) -> str:
+    """Markdown: per model, mean +- sd and every quiz's figure of each metric."""
+    rows = ["| model | metric | mean ± sd | per quiz (seed: value) |", "|---|---|---|---|"]
+    for name, s in summaries.items():
+        seeds = [k.split("/")[0].removeprefix("fresh_seed") for k in s if k.startswith("fresh_seed")]
+        seeds = list(dict.fromkeys(seeds))
+        for k in FRESH_KEYS:
+            if f"fresh_mean/{k}" not in s:
+                continue
+            sd = s.get(f"fresh_sd/{k}")
+            spread = f"{s[f'fresh_mean/{k}']:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+            per = ", ".join(f"{q}: {s[f'fresh_seed{q}/{k}']:.3f}" for q in seeds if f"fresh_seed{q}/{k}" in s)
+            rows.append(f"| {name} | {k} | {spread} | {per} |")
+    return "\n".join(rows) + "\n"
+
+
 def quiz_metrics(result: QuizResult) -> dict:
     """Quiz accuracy ("none" counted), closed-set accuracy, AUROC and OSCR, accuracy per magnification band."""
     labels, dist = result.labels, result.distributions
@@ -86,6 +127,7 @@ def quiz_metrics(result: QuizResult) -> dict:
         metrics["open_set_auroc"] = float(roc_auc_score(~known, -typical))
         metrics["open_set_auroc_p_none"] = float(roc_auc_score(~known, dist[:, -1]))
         metrics["oscr"] = oscr(closed[known], typical[known], typical[~known])
+        metrics["fpr95"] = fpr_at_tpr(typical[known], typical[~known])
     return metrics
 
 

@@ -21,7 +21,7 @@ from grainlab.recognition.crops import (
     to_channels,
 )
 from grainlab.recognition.model import TripletNet, log_magnification
-from grainlab.recognition.openset import OpenSetGMM, load_gmms, save_gmms
+from grainlab.recognition.openset import OpenSetGMM, load_gmms, load_selection, save_gmms
 
 CHECKPOINT = "model.pt"
 GMM_FILE = "gmm.json"
@@ -75,6 +75,7 @@ class Recognizer:
         self.crop_max_px = int(meta["crop_max_px"])
         self.edge_channel = bool(meta["edge_channel"])
         self.px_per_um_range = tuple(float(v) for v in meta["px_per_um_range"])
+        self.selection: dict | None = None  # how the GMMs were chosen on held-out training images
 
     @property
     def labels(self) -> list[str]:
@@ -116,7 +117,9 @@ class Recognizer:
                 f"{model_dir / GMM_FILE}: {len(gmms)} open-set GMMs for the {len(nets)} networks of {path}; "
                 "expected one per network"
             )
-        return cls(nets, gmms, ckpt, pick_device(device))
+        out = cls(nets, gmms, ckpt, pick_device(device))
+        out.selection = load_selection(model_dir / GMM_FILE)
+        return out
 
     @staticmethod
     def _check_meta(meta: dict) -> None:
@@ -136,7 +139,7 @@ class Recognizer:
         torch.save({**self.meta, "state_dicts": states}, buffer)
         with staged_dir(model_dir) as tmp:
             write_bytes(tmp / CHECKPOINT, buffer.getbuffer())
-            save_gmms(self.gmms, tmp / GMM_FILE)
+            save_gmms(self.gmms, tmp / GMM_FILE, self.selection)
         return model_dir
 
     def extrapolates(self, px_per_um: float) -> bool:
@@ -163,12 +166,43 @@ class Recognizer:
         """(n, labels) probabilities of each crop, averaged over the members, and (n,) how far each
         crop's best class log-likelihood lies above the "none" threshold, averaged likewise."""
         inputs = self._inputs(crops, crop_px_per_um)
+        return self.open_set([self._descriptors(inputs, net) for net in self.nets])
+
+    def open_set(
+        self, member_descriptors: list[np.ndarray], gmms: list[OpenSetGMM] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each member's (n, dim) descriptors through its GMMs (`gmms`, default the recognizer's):
+        the members' mean (n, labels) probabilities and mean (n,) margins above the threshold."""
+        gmms = self.gmms if gmms is None else gmms
         probs, margins = 0.0, 0.0
-        for net, gmm in zip(self.nets, self.gmms, strict=True):
-            ll = gmm.log_likelihood(self._descriptors(inputs, net))
+        for z, gmm in zip(member_descriptors, gmms, strict=True):
+            ll = gmm.log_likelihood(z)
             probs = probs + gmm.probabilities(ll)
             margins = margins + ll.max(axis=1) - gmm.threshold
-        return probs / len(self.nets), margins / len(self.nets)
+        return probs / len(gmms), margins / len(gmms)
+
+    def image_descriptors(
+        self,
+        img: np.ndarray,
+        px_per_um,
+        n_crops: int = 1000,
+        batch_size: int = 250,
+        seed: int = 0,
+        what: str = "image",
+    ) -> tuple[float, np.ndarray, list[np.ndarray]]:
+        """The random crops `predict` takes (same seed, same crops): (px/um, boxes, each member's
+        (n_crops, dim) descriptors)."""
+        m = check_px_per_um(px_per_um)
+        check_size(img.shape, self.crop_min_px, what)
+        rng = np.random.default_rng(seed)
+        boxes = sample_boxes(rng, img.shape, n_crops, self.crop_min_px, self.crop_max_px)
+        zs = [[] for _ in self.nets]
+        for i in range(0, n_crops, batch_size):
+            b = boxes[i : i + batch_size]
+            inputs = self._inputs(extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px))
+            for k, net in enumerate(self.nets):
+                zs[k].append(self._descriptors(inputs, net))
+        return m, boxes, [np.concatenate(z) for z in zs]
 
     def predict(
         self,
@@ -180,21 +214,18 @@ class Recognizer:
         what: str = "image",
     ) -> Prediction:
         """Average the class probabilities (with "none") of n random crops, batched."""
-        m = check_px_per_um(px_per_um)
-        check_size(img.shape, self.crop_min_px, what)
-        rng = np.random.default_rng(seed)
-        boxes = sample_boxes(rng, img.shape, n_crops, self.crop_min_px, self.crop_max_px)
-        probs, margins = [], []
-        for i in range(0, n_crops, batch_size):
-            b = boxes[i : i + batch_size]
-            p, margin = self.crop_probabilities(
-                extract(img, b, self.crop_px), crop_magnification(m, b, self.crop_px)
-            )
-            probs.append(p)
-            margins.append(margin)
-        probs = np.concatenate(probs)
-        typicality = float(np.median(np.concatenate(margins)))
-        return Prediction(self.labels, probs.mean(axis=0), self.extrapolates(m), boxes, probs, typicality)
+        m, boxes, zs = self.image_descriptors(img, px_per_um, n_crops, batch_size, seed, what)
+        return self.prediction_from(m, boxes, zs)
+
+    def prediction_from(
+        self, px_per_um: float, boxes: np.ndarray, member_descriptors: list[np.ndarray], gmms=None
+    ) -> Prediction:
+        """An image's Prediction from its crops' descriptors (`image_descriptors`), through `gmms`
+        (default the recognizer's own)."""
+        probs, margins = self.open_set(member_descriptors, gmms)
+        typicality = float(np.median(margins))
+        labels = (self.gmms if gmms is None else gmms)[0].labels
+        return Prediction(labels, probs.mean(axis=0), self.extrapolates(px_per_um), boxes, probs, typicality)
 
 
 def saliency_map(shape, boxes: np.ndarray, crop_probabilities: np.ndarray) -> np.ndarray:

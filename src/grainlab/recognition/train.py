@@ -30,6 +30,16 @@ class LabelledImages:
     classes: list[str]
     entries: list[dict]
 
+    def subset(self, ids) -> LabelledImages:
+        """The listed images only (same classes)."""
+        return LabelledImages(
+            [self.images[i] for i in ids],
+            self.px_per_um[ids],
+            self.labels[ids],
+            self.classes,
+            [self.entries[i] for i in ids],
+        )
+
 
 def load_images(library_dir: Path, task: str, split: str) -> LabelledImages:
     """Read a task's images from the library; unknown-class images get the label -1."""
@@ -78,12 +88,24 @@ def network_args(cfg: RecognitionConfig) -> dict:
 def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on_epoch=None) -> Recognizer:
     """Train `cfg.members` networks (member m from seed + m) and fit each one's GMMs.
 
+    With `cfg.holdout_fraction` > 0, that share of each class's images is held out from the
+    networks and GMMs, and picks the GMM component count and "none" percentile
+    (`recognition.select`); the choice is in the returned recognizer's `selection`.
     on_epoch(step, metrics) is called after each epoch; steps run on across the members."""
+    from grainlab.recognition.select import holdout_split, select_open_set
+
     for e, img in zip(data.entries, data.images, strict=True):
         check_size(img.shape, cfg.crop_min_px, e["file"])
     device = pick_device(cfg.device)
-    meta = _meta(network_args(cfg), cfg, data)
-    nets, gmms = [], []
+    select = cfg.holdout_fraction > 0
+    fit_ids, val_ids = (
+        holdout_split(data.labels, len(data.classes), cfg.holdout_fraction, seed)
+        if select
+        else (np.arange(len(data.images)), None)
+    )
+    fit = data.subset(fit_ids)
+    meta = _meta(network_args(cfg), cfg, fit)
+    nets, gmms, crops = [], [], []
     for m in range(cfg.members):
         report = None
         if on_epoch is not None:
@@ -91,10 +113,21 @@ def train_recognizer(cfg: RecognitionConfig, data: LabelledImages, seed: int, on
             def report(epoch, metrics, m=m):
                 on_epoch(m * cfg.epochs + epoch, {**metrics, "train/member": m})
 
-        net = train_network(cfg, data, seed + m, device, report)
+        net = train_network(cfg, fit, seed + m, device, report)
         nets.append(net)
-        gmms.append(fit_open_set(Recognizer([net], [], meta, device), data, cfg, seed + m))
-    return Recognizer(nets, gmms, meta, device)
+        if select:
+            crops.append(open_set_crops(Recognizer([net], [], meta, device), fit, cfg, seed + m))
+        else:
+            gmms.append(fit_open_set(Recognizer([net], [], meta, device), fit, cfg, seed + m))
+    if not select:
+        return Recognizer(nets, gmms, meta, device)
+    recognizer = Recognizer(nets, [], meta, device)
+    start = time.perf_counter()
+    gmms, record = select_open_set(recognizer, data, val_ids, crops, cfg, seed)
+    recognizer.gmms = gmms
+    recognizer.selection = record
+    recognizer.selection_seconds = time.perf_counter() - start  # MLflow only: gmm.json stays reproducible
+    return recognizer
 
 
 def train_network(
@@ -137,12 +170,9 @@ def train_network(
     return net.eval()
 
 
-def fit_open_set(
-    recognizer: Recognizer, data: LabelledImages, cfg: RecognitionConfig, seed: int
-) -> OpenSetGMM:
-    """One GaussianMixture per class on descriptors of un-augmented training crops (of the
-    recognizer's first network); the "none" threshold from a percentile of the likelihoods of a
-    second, held-out set of crops."""
+def open_set_crops(recognizer: Recognizer, data: LabelledImages, cfg: RecognitionConfig, seed: int) -> dict:
+    """Descriptors (of the recognizer's first network) and labels of un-augmented training crops:
+    "fit" for the GMMs, "calibration" (other crops of the same images) for the "none" threshold."""
 
     def crop_descriptors(rng_key: int):
         rng = np.random.default_rng([seed, rng_key])
@@ -153,10 +183,25 @@ def fit_open_set(
         )
         return z, data.labels[ids]
 
-    z, y = crop_descriptors(4)
-    calibration = crop_descriptors(5) if cfg.none_threshold is None else None
+    return {"fit": crop_descriptors(4), "calibration": crop_descriptors(5)}
+
+
+def fit_open_set(
+    recognizer: Recognizer, data: LabelledImages, cfg: RecognitionConfig, seed: int
+) -> OpenSetGMM:
+    """One GaussianMixture per class on descriptors of un-augmented training crops (of the
+    recognizer's first network); the "none" threshold from a percentile of the likelihoods of a
+    second, held-out set of crops."""
+    crops = open_set_crops(recognizer, data, cfg, seed)
+    calibration = crops["calibration"] if cfg.none_threshold is None else None
     return fit_gmm(
-        z, y, data.classes, cfg.gmm_components, cfg.none_percentile, cfg.none_threshold, seed, calibration
+        *crops["fit"],
+        data.classes,
+        cfg.gmm_components,
+        cfg.none_percentile,
+        cfg.none_threshold,
+        seed,
+        calibration,
     )
 
 

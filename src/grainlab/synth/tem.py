@@ -16,9 +16,11 @@ All randomness comes from the numpy Generator passed in; output is a pure functi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -52,6 +54,7 @@ DIFFUSE_STRENGTH = 0.06
 DIFFUSE_WIDTH = 5.0
 MOTTLE_SCALES_NM = (1.6, 5.0)  # blob sizes of the mottled texture (surface oxide, strain, defects)
 FRINGE_REACH = 0.3  # widest boundary fringe band, in foil thicknesses
+FRINGE_DEPTH = 0.25  # fringe depth, relative to the open-beam level, of a grain at its Bragg condition
 PIXEL_REFLECTIONS = 3  # reflections per grain evaluated pixel by pixel; the rest per grain
 TWIN_ANGLE_RAD = np.pi / 3  # annealing twin: 60 degrees about <111>
 MIN_LAMELLA_PX = 4.0
@@ -89,10 +92,22 @@ class Region:
     grain_bend: np.ndarray  # (n+1, 2) mean local tilt per grain
     grain_bend_range: np.ndarray  # (n+1, 2) largest deviation from that mean in the grain
     grain_thickness: np.ndarray  # (n+1,) mean thickness per grain
+    frame: tuple[int, int] = (0, 0)  # (row, column) of the reference view's top-left corner in the arrays
+    view_shape: tuple[int, int] = (0, 0)  # the reference view: the untilted, undrifted image_px field
+    _contrast: dict = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )  # recent tilts' contrast
 
     @property
     def n_grains(self) -> int:
         return len(self.orientations) - 1
+
+    def reference(self, array: np.ndarray) -> np.ndarray:
+        """The reference view (what the untilted stage shows, the frame of composite tracings and of the
+        truth files) cut out of a region-sized array. The region is wider by a margin that tilted and
+        drifted exposures bring into view."""
+        (y0, x0), (h, w) = self.frame, self.view_shape
+        return array[y0 : y0 + h, x0 : x0 + w]
 
 
 # --------------------------------------------------------------------------- random fields
@@ -295,6 +310,23 @@ def _random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     )
 
 
+def _fibre_rotations(n: int, spread_rad: float, rng: np.random.Generator) -> np.ndarray:
+    """<111> fibre texture (n, 3, 3): each crystal's [111] lies along the film normal z, tilted off it by a
+    small random rotation (std `spread_rad` about each in-plane axis), at a uniformly random angle about z."""
+    # Rodrigues rotation taking [111]/sqrt(3) onto z: about [1, -1, 0]/sqrt(2) by arccos(1/sqrt(3)).
+    align = _axis_rotation(np.array([1.0, -1.0, 0.0]) / np.sqrt(2), np.arccos(1 / np.sqrt(3)))
+    spin = rng.uniform(0, 2 * np.pi, n)
+    wobble = rng.normal(0, spread_rad, size=(n, 2))
+    out = np.empty((n, 3, 3))
+    for i in range(n):
+        c, s = np.cos(spin[i]), np.sin(spin[i])
+        about_z = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+        angle = float(np.hypot(*wobble[i]))
+        tilt = np.eye(3) if angle == 0 else _axis_rotation(np.array([*wobble[i], 0.0]) / angle, angle)
+        out[i] = tilt @ about_z @ align
+    return out
+
+
 def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     """Rotation by `angle` about unit `axis` (Rodrigues)."""
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
@@ -441,11 +473,15 @@ def _min_grain_area(cfg: TemConfig) -> int:
 
 
 def _orient(labels: np.ndarray, cfg: TemConfig, rng: np.random.Generator):
-    """Random orientations, then twin lamellae as grains of their own.
+    """Orientations (random, or a <111> fibre texture), then twin lamellae as grains of their own.
 
     Returns (grains, orientations (n+1, 3, 3), parents (n+1,), twin-plane normal per parent (specimen frame)).
     """
-    rotations = _random_rotations(int(labels.max()) + 1, rng)
+    n = int(labels.max()) + 1
+    if cfg.texture == "fiber111":
+        rotations = _fibre_rotations(n, np.deg2rad(cfg.texture_spread_deg), rng)
+    else:
+        rotations = _random_rotations(n, rng)
     variant, twin_axis, twin_normal = _add_twins(labels, rotations, cfg.twin_fraction, rng)
     grains, code = _clean_labels(labels * 2 + variant, _min_grain_area(cfg))
     parents = code // 2
@@ -458,9 +494,31 @@ def _orient(labels: np.ndarray, cfg: TemConfig, rng: np.random.Generator):
     return grains, orientations, parents, twin_normal
 
 
-def make_region(cfg: TemConfig, rng: np.random.Generator) -> Region:
-    """Generate one imaged area: grain map, boundaries, orientations and the specimen's fixed fields."""
-    shape = (cfg.image_px, cfg.image_px)
+def frame_margin(cfg: TemConfig, max_tilt_deg: tuple[float, float]) -> tuple[int, int]:
+    """(rows, columns) of specimen needed on each side of the reference view so that every exposure up to
+    these stage tilts, with drift and rotation up to 3 std, shows only generated specimen."""
+    half = np.array([cfg.image_px, cfg.image_px]) / 2.0  # x, y
+    corners = np.array(list(itertools.product((-1, 1), repeat=2))) * half
+    worst = half.copy()
+    rot, drift = 3 * np.deg2rad(cfg.rotation_deg), 3 * cfg.drift_px
+    for sa, sb, sr, dx, dy in itertools.product((-1, 1), repeat=5):
+        m = _projection(np.deg2rad(sa * max_tilt_deg[0]), np.deg2rad(sb * max_tilt_deg[1]), sr * rot)
+        back = (corners - drift * np.array([dx, dy])) @ np.linalg.inv(m).T
+        worst = np.maximum(worst, np.abs(back).max(axis=0))
+    mx, my = np.ceil(worst - half).astype(int) + 2
+    return int(my), int(mx)
+
+
+def make_region(
+    cfg: TemConfig, rng: np.random.Generator, max_tilt_deg: tuple[float, float] = (30.0, 15.0)
+) -> Region:
+    """Generate one imaged area: grain map, boundaries, orientations and the specimen's fixed fields.
+
+    The arrays cover the reference view (image_px square) plus a margin on each side for exposures tilted
+    up to max_tilt_deg (alpha, beta): foreshortening and drift bring specimen beyond the view into an image.
+    """
+    my, mx = frame_margin(cfg, max_tilt_deg)
+    shape = (cfg.image_px + 2 * my, cfg.image_px + 2 * mx)
     grains, orientations, parents, twin_normal = _orient(_grow_grains(cfg, shape, rng), cfg, rng)
     n = len(orientations) - 1
     boundaries = _boundary_network(grains)
@@ -515,6 +573,8 @@ def make_region(cfg: TemConfig, rng: np.random.Generator) -> Region:
         grain_bend=np.column_stack([bend_a, bend_b]),
         grain_bend_range=np.column_stack([range_a, range_b]),
         grain_thickness=grain_thickness,
+        frame=(my, mx),
+        view_shape=(cfg.image_px, cfg.image_px),
     )
 
 
@@ -575,6 +635,76 @@ def _tilt_matrix(alpha: float, beta: float) -> np.ndarray:
     return rx @ ry
 
 
+def _projection(alpha: float, beta: float, rotation: float = 0.0) -> np.ndarray:
+    """2 x 2 map from the film plane (x, y) to the image at a stage tilt: the film is rotated by the holder
+    and projected along the beam (cos alpha, cos beta foreshortening), then the image turns by `rotation`."""
+    c, s = np.cos(rotation), np.sin(rotation)
+    return np.array([[c, -s], [s, c]]) @ _tilt_matrix(alpha, beta)[:2, :2]
+
+
+def exposure_affine(
+    cfg: TemConfig, alpha_deg: float, beta_deg: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The true 2 x 3 affine of one exposure, reference-view pixels (x, y) -> image pixels: foreshortening
+    by the stage tilt about the field centre, a random in-plane rotation (std cfg.rotation_deg) and a random
+    drift (std cfg.drift_px per axis)."""
+    rotation = rng.normal(0, np.deg2rad(cfg.rotation_deg)) if cfg.rotation_deg > 0 else 0.0
+    drift = rng.normal(0, cfg.drift_px, size=2) if cfg.drift_px > 0 else np.zeros(2)
+    m = _projection(np.deg2rad(alpha_deg), np.deg2rad(beta_deg), rotation)
+    centre = np.array([cfg.image_px - 1, cfg.image_px - 1]) / 2.0
+    return np.column_stack([m, centre - m @ centre + drift])
+
+
+def warp_to_image(region: Region, affine: np.ndarray, array: np.ndarray, kind: str = "float") -> np.ndarray:
+    """A region-sized array seen in an exposure's image frame (image_px square). kind: `float` (bilinear),
+    `labels` (nearest) or `mask` (a bool or 0/255 line mask: bilinear, then thresholded)."""
+    h, w = region.view_shape
+    y0, x0 = region.frame
+    to_ref = cv2.invertAffineTransform(affine.astype(np.float64))
+    to_ref[:, 2] += (x0, y0)  # image -> region pixels
+    if kind == "labels":
+        return cv2.warpAffine(
+            array.astype(np.float32),
+            to_ref,
+            (w, h),
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        ).astype(array.dtype)
+    if kind == "mask":
+        src = (array > 0).astype(np.float32)
+        out = cv2.warpAffine(
+            src, to_ref, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT
+        )
+        return out > 0.35 if array.dtype == bool else (out > 0.35).astype(array.dtype) * array.max()
+    return cv2.warpAffine(
+        array.astype(np.float32),
+        to_ref,
+        (w, h),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def sequential_grains(labels: np.ndarray) -> np.ndarray:
+    """Grain ids 1..n (raster order) for the 4-connected regions of equal label: a cut-out or warped grain
+    map whose grains may have been split by the frame edge or lost."""
+    return label_components(labels, background=0, connectivity=1).astype(np.int32)
+
+
+def image_truth(region: Region, affine: np.ndarray, visible: np.ndarray | None = None):
+    """Exact truth in an exposure's image frame: (grain map, boundary network, boundaries visible at that
+    tilt). The network is drawn afresh from the warped grain map (1 px lines); a pixel of it is visible when
+    it lies within a pixel of a visible boundary pixel of the region mapped into the image."""
+    grains = sequential_grains(warp_to_image(region, affine, region.grains, "labels"))
+    boundaries = _boundary_network(grains)
+    if visible is None:
+        return grains, boundaries, None
+    near = warp_to_image(
+        region, affine, cv2.dilate(visible.astype(np.uint8), np.ones((3, 3), np.uint8)), "mask"
+    )
+    return grains, boundaries, boundaries & (near > 0)
+
+
 def _beam_in_crystal(orientations: np.ndarray, alpha: float, beta: float) -> np.ndarray:
     """Beam direction (n, 3) in each grain's crystal frame: R^T T^T z."""
     beam = _tilt_matrix(alpha, beta).T[:, 2]
@@ -613,14 +743,30 @@ def two_beam_intensity(s, thickness, xi):
 @dataclass
 class _Contrast:
     """Diffraction contrast at one tilt: BF brightness (H, W), the pixel-resolved part of the diffracted
-    intensity (H, W), and per grain the effective excitation error of its strongest reflection (n+1,)."""
+    intensity (H, W), and per grain the effective excitation error of its strongest reflection (n+1,) and
+    that reflection's extinction distance (n+1,)."""
 
     brightness: np.ndarray
     local_diffracted: np.ndarray
     grain_s_eff: np.ndarray
+    grain_xi: np.ndarray
+
+
+CONTRAST_CACHE = 32  # tilts whose contrast a region keeps (a series is rendered, then traced with guides)
 
 
 def _diffraction(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float) -> _Contrast:
+    """The diffraction contrast at a tilt, kept for the last few tilts (it is deterministic)."""
+    key = (cfg, float(alpha_deg), float(beta_deg))
+    cache = region._contrast
+    if key not in cache:
+        if len(cache) >= CONTRAST_CACHE:
+            del cache[next(iter(cache))]
+        cache[key] = _compute_diffraction(region, cfg, alpha_deg, beta_deg)
+    return cache[key]
+
+
+def _compute_diffraction(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float) -> _Contrast:
     """Bright field = absorption * (1 - sum over reflections of two-beam diffracted intensities).
 
     Per grain, the PIXEL_REFLECTIONS reflections that come nearest to a Bragg condition anywhere in the
@@ -651,7 +797,7 @@ def _diffraction(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: flo
         local += two_beam_intensity(s, region.thickness, xi[pick].astype(np.float32)[labels])
     diffracted = np.minimum(local + grain_rest.astype(np.float32)[labels], MAX_DIFFRACTED)
     absorption = np.exp(-(region.thickness - cfg.foil_thickness_nm) / ABSORPTION_LENGTH_NM)
-    return _Contrast((1 - diffracted) * absorption, local, grain_s_eff)
+    return _Contrast((1 - diffracted) * absorption, local, grain_s_eff, xi[nearest[:, 0]])
 
 
 def bend_contour_map(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float) -> np.ndarray:
@@ -668,19 +814,39 @@ def _grain_mean(region: Region, image: np.ndarray) -> np.ndarray:
     ) / np.maximum(region.grain_area, 1)
 
 
-def _boundary_fringes(region: Region, cfg: TemConfig, alpha_deg, beta_deg, grain_level, grain_s_eff):
-    """Fringes at inclined boundaries, on the pixels near boundaries (values to subtract).
+class FringeModel(NamedTuple):
+    """Thickness fringes of every boundary (pair) at one tilt."""
 
-    A boundary plane inclined to the beam projects to a band of width t * tan(inclination); across it the
-    wedge of overlapping crystal gives t * s_eff fringes, with contrast set by the two grains' contrast.
-    """
+    width: np.ndarray  # (P,) projected width of the inclined boundary plane (px)
+    count: np.ndarray  # (P,) fringes across it: t * s_eff of the diffracting grain
+    amplitude: np.ndarray  # (P,) depth of the fringes, set by how strongly that grain diffracts
+    diffracting: np.ndarray  # (P,) grain id of the diffracting grain (the one nearer its Bragg condition)
+
+
+def boundary_fringe_model(region: Region, cfg: TemConfig, alpha_deg, beta_deg, contrast=None) -> FringeModel:
+    """Fringes at inclined boundaries. A boundary plane inclined to the beam projects to a band of width
+    t * tan(inclination); across it the wedge of the grain that diffracts thins from t to 0 and gives
+    t * s_eff fringes (Howie-Whelan: one per extinction depth 1 / s_eff). The diffracting grain is the one
+    with the smaller effective excitation error; the fringe depth follows its two-beam diffracted intensity
+    1 / (xi s_eff)^2, not the brightness difference of the two grains, so fringes also mark boundaries between
+    grains of equal brightness whenever either diffracts."""
+    if contrast is None:
+        contrast = _diffraction(region, cfg, alpha_deg, beta_deg)
     normal = region.pair_normals @ _tilt_matrix(np.deg2rad(alpha_deg), np.deg2rad(beta_deg)).T
     nz = np.minimum(np.abs(normal[:, 2]), 0.999)
     cap = FRINGE_REACH * cfg.foil_thickness_nm / cfg.pixel_nm
     width = np.minimum(cfg.foil_thickness_nm * nz / np.sqrt(1 - nz * nz) / cfg.pixel_nm, cap)
     a, b = region.pairs[:, 0], region.pairs[:, 1]
-    count = np.clip(cfg.foil_thickness_nm * np.maximum(grain_s_eff[a], grain_s_eff[b]), 1, 5)
-    amplitude = 0.5 * np.abs(grain_level[a] - grain_level[b])
+    s_eff = contrast.grain_s_eff
+    diffracting = np.where(s_eff[a] <= s_eff[b], a, b)
+    count = np.maximum(region.grain_thickness[diffracting] * s_eff[diffracting], 1.0)
+    strength = 1.0 / (contrast.grain_xi[diffracting] * s_eff[diffracting]) ** 2  # 1 at the Bragg condition
+    return FringeModel(width, count, FRINGE_DEPTH * BRIGHTNESS * strength, diffracting)
+
+
+def _boundary_fringes(region: Region, cfg: TemConfig, alpha_deg, beta_deg, contrast):
+    """The fringe pattern on the pixels near boundaries (values to subtract)."""
+    width, count, amplitude, _ = boundary_fringe_model(region, cfg, alpha_deg, beta_deg, contrast)
     p = region.fringe_pair
     w = np.maximum(width[p], 1e-3).astype(np.float32)
     rel = region.fringe_dist / w  # 0 at the boundary, 0.5 at the band edge
@@ -688,11 +854,25 @@ def _boundary_fringes(region: Region, cfg: TemConfig, alpha_deg, beta_deg, grain
     return amplitude[p].astype(np.float32) * profile * (width[p] >= 1.0)
 
 
-def render(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float, rng: np.random.Generator):
-    """One BF image at stage tilt (alpha about x, beta about y, degrees).
+class Shot(NamedTuple):
+    """One exposure: image float32 (image_px, image_px) in [0, 1], in its own frame; visible bool, region
+    sized (region.boundaries shape), the boundaries visible at its tilt; affine (2, 3), its true transform
+    from reference-view pixels (x, y) to image pixels."""
 
-    Returns (image float32 (H, W) in [0, 1], visible bool (H, W)): a boundary pixel is visible when the
-    grains on either side differ in mean noise-free intensity by more than cfg.visibility_contrast.
+    image: np.ndarray
+    visible: np.ndarray
+    affine: np.ndarray
+
+
+def render(
+    region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float, rng: np.random.Generator
+) -> Shot:
+    """One BF exposure at stage tilt (alpha about x, beta about y, degrees).
+
+    The specimen is imaged in the region frame, then projected into the image by the exposure's affine
+    (cos alpha / cos beta foreshortening, drift, rotation; see exposure_affine); illumination, PSF and
+    noise belong to the detector frame. A boundary pixel is visible when the grains on either side differ
+    in mean noise-free intensity by more than cfg.visibility_contrast.
     """
     contrast = _diffraction(region, cfg, alpha_deg, beta_deg)
     clean = BRIGHTNESS * contrast.brightness * (1 + cfg.mottle * region.mottle)
@@ -704,10 +884,9 @@ def render(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float, rn
     visible = visible.reshape(clean.shape)
 
     image = clean.ravel()
-    image[region.fringe_index] -= _boundary_fringes(
-        region, cfg, alpha_deg, beta_deg, level, contrast.grain_s_eff
-    )
-    image = image.reshape(clean.shape) * region.dust
+    image[region.fringe_index] -= _boundary_fringes(region, cfg, alpha_deg, beta_deg, contrast)
+    affine = exposure_affine(cfg, alpha_deg, beta_deg, rng)
+    image = warp_to_image(region, affine, image.reshape(clean.shape) * region.dust)
 
     # Uneven illumination: a linear ramp in a random direction and a small exposure change.
     h, w = image.shape
@@ -722,7 +901,7 @@ def render(region: Region, cfg: TemConfig, alpha_deg: float, beta_deg: float, rn
     counts = rng.poisson(np.maximum(image, 0) * cfg.dose)
     image = counts.astype(np.float32) / np.float32(cfg.dose)
     image += rng.normal(0, cfg.read_noise, size=image.shape).astype(np.float32)
-    return np.clip(image, 0, 1).astype(np.float32), visible
+    return Shot(np.clip(image, 0, 1).astype(np.float32), visible, affine)
 
 
 # --------------------------------------------------------------------------- simulated tracer
@@ -738,22 +917,39 @@ def trace(
     """A simulated human tracing of `visible` (a subset of region.boundaries): uint8 (H, W) in {0, 255}.
 
     Each boundary segment between junctions is skipped with probability miss_prob; the kept lines are
-    thickened to line_width_px and displaced by a smooth random field (std jitter_px per axis, correlation
-    length jitter_scale_px); Poisson(spurious_strokes) short smooth false strokes are added, following
-    ridges of `spurious_guide` (e.g. bend contours) when given.
+    inked like a pen, line_width_px wide on average with the width swelling and thinning smoothly along the
+    stroke (PEN_VARIATION, over PEN_SCALE_PX), and displaced by a smooth random field (std jitter_px per axis,
+    correlation length jitter_scale_px); the ink coverage is resampled bilinearly, so the lines stay
+    smooth. Poisson(spurious_strokes) short smooth false strokes are added, following ridges of
+    `spurious_guide` (e.g. bend contours) when given.
     """
     h, w = visible.shape
     keep = rng.random(region.n_segments + 1) >= tracer.miss_prob
     keep[0] = False  # off the network
-    lines = (visible & keep[region.segments]).astype(np.uint8)
+    lines = visible & keep[region.segments]
     width = max(int(tracer.line_width_px + 0.5), 1)
-    pen = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))
-    lines = cv2.dilate(lines, pen)
+    pen = (
+        0.5
+        * tracer.line_width_px
+        * (1 + PEN_VARIATION * np.clip(smooth_field((h, w), PEN_SCALE_PX, rng), -2, 2))
+    )
+    big = np.float32(4 * (h + w))
+    if lines.any():
+        dist = cv2.distanceTransform((~lines).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    else:
+        dist = np.full((h, w), big)
 
+    # Jitter moves the lines, not the ink: the distance to the line is warped and rescaled by the local
+    # stretch of the warp (sqrt of its Jacobian), so stretched stretches of line do not swell into blobs.
     shift = tracer.jitter_px * np.stack([smooth_field((h, w), tracer.jitter_scale_px, rng) for _ in range(2)])
     xs = np.arange(w, dtype=np.float32)[None, :] - shift[0]
     ys = np.arange(h, dtype=np.float32)[:, None] - shift[1]
-    traced = cv2.remap(lines, xs, ys, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    dist = cv2.remap(dist, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float(big))
+    dxs_dy, dxs_dx = np.gradient(xs * np.ones((h, 1), np.float32))
+    dys_dy, dys_dx = np.gradient(ys * np.ones((1, w), np.float32))
+    stretch = np.sqrt(np.clip(np.abs(dxs_dx * dys_dy - dxs_dy * dys_dx), 0.25, 4.0))
+    ink = np.clip(pen + 0.5 - dist / stretch, 0, 1)  # coverage of each pixel by the pen
+    traced = (ink >= 0.5).astype(np.uint8)
 
     strokes = rng.poisson(tracer.spurious_strokes)
     guide = _StrokeGuide.from_map(spurious_guide) if strokes and spurious_guide is not None else None
@@ -765,6 +961,8 @@ def trace(
 
 
 MAX_TURN_RAD = 0.1  # per step of a false stroke
+PEN_VARIATION = 0.25  # relative std of a tracer's line width along a stroke
+PEN_SCALE_PX = 20.0  # ... and the length over which it changes
 
 
 @dataclass
