@@ -100,8 +100,9 @@ def test_crossval_writes_tables_and_nested_mlflow_runs(workdir, capsys):
     ckpt = workdir / "cv/folds/fold-0/four-bce/checkpoints/last.pt"
     before = read_checkpoint(ckpt)["model"]
     border = sets(*one_epoch, "boundaries.postprocess.border_px=2")
-    assert (
-        grainlab(
+
+    def reuse(*extra):
+        return grainlab(
             "boundaries",
             "crossval",
             "--dataset",
@@ -111,31 +112,17 @@ def test_crossval_writes_tables_and_nested_mlflow_runs(workdir, capsys):
             "--out",
             "cv",
             "--reuse-folds",
-            *border,
+            *extra,
         )
-        == 0
-    )
+
+    assert reuse(*border) == 0
     again = json.loads((workdir / "cv/crossval.json").read_text())
     assert again["parent_run_id"] != report["parent_run_id"]
     assert all(f["postprocess"]["border_px"] == 2 for f in again["folds"])
     assert all(torch.equal(before[k], v) for k, v in read_checkpoint(ckpt)["model"].items())
     # a network trained with other params is not reused
     other = sets(*one_epoch, "boundaries.lr=0.001")
-    assert (
-        grainlab(
-            "boundaries",
-            "crossval",
-            "--dataset",
-            "four",
-            "--folds",
-            "2",
-            "--out",
-            "cv",
-            "--reuse-folds",
-            *other,
-        )
-        == 2
-    )
+    assert reuse(*other) == 2
     assert "cannot reuse" in capsys.readouterr().out
 
 
