@@ -74,6 +74,26 @@ def baseline_tracer(cfg: BoundaryConfig) -> Callable[[np.ndarray], Tracing]:
     return trace
 
 
+VISIBLE = "visible/"  # key prefix of the scores against the boundaries visible at the image's tilt
+VISIBLE_METRICS = ("boundary_precision", "boundary_recall", "boundary_f1")
+
+
+def score_result(item: TestItem, result: Tracing, tolerance: int) -> dict:
+    """One image's row: its name, every metric against the full truth (the whole boundary network
+    and its grains), and, where the item has them, boundary precision, recall and F1 against the
+    boundaries visible at its tilt (keys `visible/...`). Grain and partition metrics are not scored
+    against the visible boundaries: they do not close into grains."""
+    truth = read_mask(item.boundaries)
+    row = {
+        "image": item.name,
+        **score_tracing(result.tracing, result.grains, truth, read_labels(item.grains), tolerance),
+    }
+    if item.visible is not None:
+        visible = boundary_scores(result.tracing, read_mask(item.visible), tolerance)
+        row.update({VISIBLE + k: visible[k] for k in VISIBLE_METRICS})
+    return row
+
+
 def score_items(
     tracer: Callable[[np.ndarray], Tracing],
     items: list[TestItem],
@@ -81,22 +101,23 @@ def score_items(
     tolerance: int,
     on_traced: Callable[[TestItem, Tracing], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Per-image metrics of a tracer on test items (each row also names its image), one thread
-    per core; on_traced(item, result), if given, sees each tracing in its worker thread."""
+    """Per-image rows of a tracer on test items (see `score_result`), one thread per core;
+    on_traced(item, result), if given, sees each tracing in its worker thread."""
 
     def score(item: TestItem) -> dict:
         result = tracer(read_image(item.image, channels=channels))
         if on_traced is not None:
             on_traced(item, result)
-        truth = read_mask(item.boundaries)
-        scores = score_tracing(result.tracing, result.grains, truth, read_labels(item.grains), tolerance)
-        return {"image": item.name, **scores}
+        return score_result(item, result, tolerance)
 
     return parallel_map(score, items)
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    return mean_scores([{k: v for k, v in r.items() if k != "image"} for r in rows])
+    """The mean of each metric over the rows; a metric some rows lack (visible-truth scores of
+    items without a visible mask) is averaged over the rows that have it."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "image"))
+    return mean_scores([{k: r.get(k, float("nan")) for k in keys} for r in rows])
 
 
 def score_validation_regions(

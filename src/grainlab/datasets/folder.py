@@ -7,7 +7,9 @@
 Each pair in the manifest names its image, label and region (the area of the specimen it
 shows; train/validation splits never put one region on both sides), plus free metadata
 (tilt, tracer settings, ...). The held-out test set adds `grains/` (instance maps) and
-`labels/` holds the exact boundary network there.
+`labels/` holds the exact boundary network there; a synthetic test set also names, per image,
+the boundaries visible at its tilt (`visible`, image frame) and a perfect composite tracing of
+its region's tilt series (`composite`, reference frame).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class TestItem:
     grains: Path
     region: str
     pixel_size_nm: float | None
+    visible: Path | None = None  # the boundaries visible at this image's tilt (None: not known)
+    composite: Path | None = None  # every boundary seen in the region's tilt series, reference frame
 
 
 def _inside(root: Path, rel: str, what: str, manifest: Path) -> Path:
@@ -111,7 +115,8 @@ def load_dataset(root: str | Path) -> Dataset:
 
 
 def load_test_set(root: str | Path) -> list[TestItem]:
-    """The held-out test set: images with their exact boundary networks and grain maps."""
+    """The held-out test set: images with their exact boundary networks and grain maps (and, where
+    the manifest names them, the visible boundaries and the composite tracing)."""
     root = Path(root)
     manifest = read_manifest(root)
     path = root / MANIFEST
@@ -127,6 +132,11 @@ def load_test_set(root: str | Path) -> list[TestItem]:
                 grains=_inside(root, entry["grains"], "grains", path),
                 region=str(entry["region"]),
                 pixel_size_nm=entry.get("pixel_size_nm", manifest.get("pixel_size_nm")),
+                **{
+                    key: _inside(root, entry[key], key, path)
+                    for key in ("visible", "composite")
+                    if key in entry
+                },
             )
         )
     return items

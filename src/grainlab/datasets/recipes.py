@@ -107,11 +107,16 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
         tilts = choose_tilts(recipe, params, rng)
 
     rendered = [tem.render(region, cfg, a, b, rng) for a, b in tilts]
+    union = np.logical_or.reduce([shot.visible for shot in rendered])  # every boundary the series shows
     pairs = []
-    if recipe is not None and recipe.label_mode == "composite":
+    if recipe is None:
+        # A perfect composite tracing of the series, in the reference view as one is drawn: scored in each
+        # image's frame it gives the composite ceiling (the tilt misalignment alone).
+        composite = f"truth/composite/{rid}.png"
+        write_mask(out / composite, region.reference(union))
+    elif recipe.label_mode == "composite":
         # One tracing of the whole series, drawn in the reference view: it misaligns with tilted and
         # drifted exposures as a real composite tracing does.
-        union = np.logical_or.reduce([shot.visible for shot in rendered])
         guide = tem.bend_contour_map(region, cfg, *tilts[0])
         composite = f"labels/{rid}.png"
         write_mask(out / composite, region.reference(tem.trace(region, union, tracer, rng, guide)))
@@ -134,6 +139,7 @@ def build_region(params: Params, dataset: str, index: int, out: Path) -> list[di
         if recipe is None:
             entry["label"] = f"labels/{name}.png"
             entry["grains"] = f"grains/{name}.png"
+            entry["composite"] = composite
             write_mask(out / entry["label"], boundaries)
             write_labels(out / entry["grains"], grains)
         elif recipe.label_mode == "composite":
