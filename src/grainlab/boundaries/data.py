@@ -51,15 +51,29 @@ def load_pairs(pairs: list[Pair], channels: int, max_pixels: int) -> list[tuple[
 
 
 class CropSampler(Sampler):
-    """Yields (pair index, sample seed) tuples; its generator is the whole data order."""
+    """Yields (pair index, sample seed) tuples; its generator is the whole data order.
 
-    def __init__(self, n_pairs: int, samples_per_epoch: int, seed: int):
+    Under torchrun each of the `world` processes draws the same order and keeps its share of
+    every global batch of `batch_size`: process `rank` the rank-th of `world` equal consecutive
+    parts, the part `cpu_parallel.SplitBatch` gives its rank-th thread (one process: all of it).
+    The caller sees that batch_size and the samples per epoch are multiples of world."""
+
+    def __init__(
+        self,
+        n_pairs: int,
+        samples_per_epoch: int,
+        seed: int,
+        batch_size: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.n_pairs = n_pairs
         self.n_samples = samples_per_epoch or n_pairs
         self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
 
     def __len__(self):
-        return self.n_samples
+        return self.n_samples // self.world
 
     def __iter__(self):
         if self.n_samples == self.n_pairs:
@@ -67,7 +81,13 @@ class CropSampler(Sampler):
         else:
             index = torch.randint(self.n_pairs, (self.n_samples,), generator=self.generator)
         seeds = torch.randint(2**31 - 1, (self.n_samples,), generator=self.generator)
-        return iter(list(zip(index.tolist(), seeds.tolist(), strict=False)))
+        keys = list(zip(index.tolist(), seeds.tolist(), strict=False))
+        mine = []
+        for start in range(0, self.n_samples, self.batch_size):
+            batch = keys[start : start + self.batch_size]
+            part = len(batch) // self.world
+            mine += batch[self.rank * part : (self.rank + 1) * part]
+        return iter(mine)
 
 
 class CropDataset(Dataset):

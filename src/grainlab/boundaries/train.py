@@ -16,14 +16,22 @@ A run writes into outputs/boundaries/<dataset>-<loss>/:
 On the CPU a run is deterministic: the same params and seed give the same weights,
 with or without an interruption and `resume` in between. The DVC outputs hold nothing that
 changes from one identical run to the next: epoch times and run ids go to MLflow and run.json.
+
+Under torchrun (WORLD_SIZE > 1: `torchrun --nproc_per_node N -m grainlab boundaries train ...`)
+each process trains its share of every batch, boundaries.batch_size being the global batch, with
+DistributedDataParallel (`DistributedNet`); rank 0 alone validates, scores the test set, writes
+the outputs and logs to MLflow. On the CPU, N processes give the weights of one process that
+splits each batch in N parts (`cpu_parallel`).
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import io
 import json
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from grainlab import tracking
@@ -59,7 +69,7 @@ from grainlab.boundaries.infer import (
 )
 from grainlab.boundaries.losses import make_loss
 from grainlab.boundaries.metrics import boundary_scores, partition_scores
-from grainlab.boundaries.unet import UNetArgs, build_unet
+from grainlab.boundaries.unet import ChannelDropout, UNetArgs, build_unet
 from grainlab.config import BoundaryConfig, Params, flatten, to_dict
 from grainlab.datasets.folder import load_dataset, load_test_set, split_by_region
 from grainlab.errors import GrainlabError
@@ -170,15 +180,96 @@ def _check_resume_params(saved: dict, params: Params, path: Path):
         )
 
 
-def training_network(cfg: BoundaryConfig, device: torch.device):
+def torchrun_ranks() -> tuple[int, int]:
+    """(rank, world size) of this process among torchrun's; (0, 1) without torchrun (WORLD_SIZE
+    unset or 1). Under torchrun the first call joins the process group, left at exit: nccl, each
+    process on the GPU of its LOCAL_RANK, or gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), world
+
+
+def rank_batch_size(cfg: BoundaryConfig, n_samples: int, world: int) -> int:
+    """Each of `world` processes' share of the global batch (boundaries.batch_size). Both the
+    batch and the samples per epoch must split evenly, so that every process takes equal parts."""
+    if cfg.batch_size % world:
+        raise GrainlabError(
+            f"boundaries.batch_size = {cfg.batch_size}: expected a multiple of the {world} torchrun "
+            "processes (WORLD_SIZE); it is the global batch, split among them"
+        )
+    if n_samples % world:
+        raise GrainlabError(
+            f"boundaries.samples_per_epoch = {cfg.samples_per_epoch} ({n_samples} crops per epoch): "
+            f"expected a multiple of the {world} torchrun processes (WORLD_SIZE)"
+        )
+    return cfg.batch_size // world
+
+
+class DistributedNet:
+    """Trains `net` as process `rank` of `world` under torchrun, as `cpu_parallel.SplitBatch`
+    trains it with each batch split among threads: the process gets its part of every global
+    batch (`CropSampler`) and DistributedDataParallel averages the parts' gradients (equal parts:
+    the batch's loss gradient). BatchNorm normalises each part with its own statistics, as most
+    DDP training does on GPUs: no SyncBatchNorm, which has no CPU kernel and would make a run
+    differ from the 1-process run that splits its batches (the CPU test's reference). The running
+    statistics and the epoch's losses are averaged over the processes at the end of each epoch
+    (`end_epoch`; running statistics are linear in the batch statistics, so this equals averaging
+    them at every step, up to rounding). Each process's dropout draws from its own generator,
+    seeded from torch's global one, which stays the same in every process (a checkpoint's RNG
+    state is rank 0's).
+
+    While rank 0 validates, checkpoints and logs, the other processes wait in the next epoch's
+    first gradient all-reduce (or, after the last epoch, in `rank_zero_result`)."""
+
+    def __init__(self, net: nn.Module, rank: int, world: int, compile_: bool):
+        self.net, self.rank, self.world = net, rank, world
+        ddp = DistributedDataParallel(net, forward_sync_buffers=False)
+        self.module = torch.compile(ddp) if compile_ else ddp
+        self.generator = torch.Generator(next(net.parameters()).device)
+        for module in net.modules():
+            if isinstance(module, ChannelDropout):
+                module.generator = self.generator
+
+    def train(self, mode: bool = True) -> DistributedNet:
+        self.module.train(mode)
+        return self
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn, device) -> torch.Tensor:
+        """This process's part of the batch: its loss (detached); the batch's mean gradients are
+        added to the parameters' .grad."""
+        seeds = [int(torch.randint(2**62, ())) for _ in range(self.world)]
+        self.generator.manual_seed(seeds[self.rank])
+        return forward_backward(self.module, x, y, loss_fn, device)
+
+    def end_epoch(self, losses: torch.Tensor) -> torch.Tensor:
+        """The per-step losses averaged over the processes (the batches' losses); averages the
+        running statistics (BatchNorm's) over the processes too."""
+        with torch.no_grad():
+            for buffer in self.net.buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer)
+                    buffer.div_(self.world)
+        dist.all_reduce(losses)
+        return losses / self.world
+
+
+def training_network(cfg: BoundaryConfig, device: torch.device, rank: int = 0, world: int = 1):
     """(net, train_net, optimizer): the U-Net on the device (channels-last where
     `trains_channels_last`), what trains it and its Adam. What trains it shares net's weights:
-    net itself, net torch.compile'd (boundaries.compile), or on a multi-core CPU a
-    `SplitBatch` of net (see `cpu_parallel`)."""
+    under torchrun (world > 1) a `DistributedNet` of net; else net itself, net torch.compile'd
+    (boundaries.compile), or on a multi-core CPU a `SplitBatch` of net (see `cpu_parallel`)."""
     net = build_unet(UNetArgs(**to_dict(cfg.unet))).to(device)
     if trains_channels_last(device):
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    if world > 1:
+        return net, DistributedNet(net, rank, world, cfg.compile), optimizer
     if cfg.compile:
         return net, torch.compile(net), optimizer
     parts = cpu_parts(device, cfg.batch_size)
@@ -214,7 +305,8 @@ def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
     of the epoch (no per-step host sync, so the GPU never waits on Python), then the first
     non-finite one, if any, is reported with its step. `net` is what `training_network` returns."""
     net.train()
-    step = net.forward_backward if isinstance(net, SplitBatch) else functools.partial(forward_backward, net)
+    split = isinstance(net, SplitBatch | DistributedNet)
+    step = net.forward_backward if split else functools.partial(forward_backward, net)
     channels_last = trains_channels_last(device)
     losses, sizes = [], []
     for x, y in loader:
@@ -227,7 +319,10 @@ def train_epoch(net, loader, loss_fn, optimizer, device, epoch: int) -> float:
         sizes.append(len(x))
     if not losses:
         return float("nan")
-    losses = torch.stack(losses).float().cpu()
+    losses = torch.stack(losses).float()
+    if isinstance(net, DistributedNet):
+        losses = net.end_epoch(losses)
+    losses = losses.cpu()
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         step = int(bad[0])
@@ -361,7 +456,11 @@ def train_boundaries(
     the validation split: the settings that maximise the mean boundary F1 there
     (`calibrate.calibrate_postprocess`) go into the last checkpoint under "postprocess" and
     are logged as `calibrated/*` metrics and `postprocess.*` tags.
+
+    Under torchrun every process calls this, and every one returns rank 0's result; the others
+    only train (see the module docstring).
     """
+    rank, world = torchrun_ranks()
     cfg = params.boundaries
     loss = loss or cfg.loss
     loss_fn = make_loss(loss, **cfg.loss_args.get(loss, {}))
@@ -370,9 +469,13 @@ def train_boundaries(
     train_pairs, val_pairs = split_by_region(pairs, cfg.val_fraction, params.seed)
     if cfg.val_max_images:  # spread over the validation regions
         val_pairs = val_pairs[:: max(1, len(val_pairs) // cfg.val_max_images)][: cfg.val_max_images]
+    batch_size = rank_batch_size(cfg, cfg.samples_per_epoch or len(train_pairs), world)
     out_dir = Path(out_root) / f"{ds.name}-{loss}"
     ckpt_path = out_dir / "checkpoints" / "last.pt"
-    ensure_writable(ckpt_path.parent)  # an unwritable output folder fails now, not after an epoch
+    if rank == 0:
+        ensure_writable(ckpt_path.parent)  # an unwritable output folder fails now, not after an epoch
+    else:
+        val_pairs = []  # rank 0 validates
     items = test_items(params)
 
     device = pick_device()
@@ -381,10 +484,10 @@ def train_boundaries(
     train_samples = load_pairs(train_pairs, cfg.unet.in_channels, max_px)
     val_samples = load_pairs(val_pairs, cfg.unet.in_channels, max_px)
     val_truths = truth_maps(val_samples, postprocess_settings(cfg))
-    net, train_net, optimizer = training_network(cfg, device)
-    sampler = CropSampler(len(train_samples), cfg.samples_per_epoch, params.seed)
+    net, train_net, optimizer = training_network(cfg, device, rank, world)
+    sampler = CropSampler(len(train_samples), cfg.samples_per_epoch, params.seed, cfg.batch_size, rank, world)
     dataset = CropDataset(train_samples, cfg.crop_px, build_augmentation(cfg.augment))
-    loader = crop_loader(dataset, sampler, cfg.batch_size, cfg.workers, device, params.seed)
+    loader = crop_loader(dataset, sampler, batch_size, cfg.workers, device, params.seed)
 
     history: list[dict] = []
     start_epoch, run_id, calibrated = 1, None, None
@@ -394,7 +497,12 @@ def train_boundaries(
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _restore_rng(ckpt["rng"], sampler)
-        history, start_epoch, run_id = list(ckpt["history"]), ckpt["epoch"] + 1, read_run_id(out_dir)
+        history, start_epoch = list(ckpt["history"]), ckpt["epoch"] + 1
+        run_id = read_run_id(out_dir) if rank == 0 else None
+    if rank > 0:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            train_epoch(train_net, loader, loss_fn, optimizer, device, epoch)
+        return rank_zero_result(None)
     model = LoadedModel(net, device, to_dict(params), 0)
     tags = {
         **tracking.standard_tags(
@@ -402,7 +510,7 @@ def train_boundaries(
             loss=loss,
             device=device_name(device),
             precision="bf16 autocast" if uses_bf16(device) else "fp32",
-            batch_parts=len(train_net.replicas) if isinstance(train_net, SplitBatch) else 1,
+            batch_parts=len(train_net.replicas) if isinstance(train_net, SplitBatch) else world,
             stage="boundary-train",
         ),
         **(run_tags or {}),
@@ -490,7 +598,16 @@ def train_boundaries(
 
             log_boundary_model(ckpt_path)
             tracking.set_tags({MODEL_LOGGED_TAG: "true"})
-    return TrainResult(out_dir, run_id, history, metrics)
+    return rank_zero_result(TrainResult(out_dir, run_id, history, metrics))
+
+
+def rank_zero_result(result: TrainResult | None) -> TrainResult:
+    """Rank 0's result, in every torchrun process (the others wait here for rank 0 to finish)."""
+    if not dist.is_initialized():
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _hwc(chw: np.ndarray) -> np.ndarray:
