@@ -4,10 +4,11 @@ Layout under data/microstructures/:
 
     manifest.json                  every image: file, task, split, class, answer, px_per_um, style
     quiz1/train/NNNN_class.png     5 known classes at 1-200 px/um (each within the range where
-                                   it is imaged, micro.MAG_RANGE), optical or SEM style
+                                   it is imaged, micro.MAG_RANGE), optical (only up to
+                                   micro.OPTICAL_MAX_PX_PER_UM) or SEM style
     quiz1/quiz/NNNN_class.png      known classes plus unknown ones whose answer is "none"
     quiz2/train|quiz/...           6 martensitic variants at 53 or 106 px/um, SEM style
-    preview.png                    every class at several magnifications
+    preview.png                    every class at the low, mid and high end of its range
 
 Every image has its own seed (from the params seed and its index), so the files are
 byte-identical on every re-run, whatever the number of worker processes.
@@ -22,7 +23,7 @@ import numpy as np
 
 from grainlab.config import MicroConfig
 from grainlab.errors import GrainlabError
-from grainlab.images import atomic_path, process_pool, read_image, write_image, write_json
+from grainlab.images import atomic_path, process_pool, write_image, write_json
 from grainlab.synth import micro
 
 NONE = "none"
@@ -77,6 +78,7 @@ def plan_library(cfg: MicroConfig, seed: int) -> list[dict]:
             else:
                 mags.extend(rng.choice(mag_range, n))
         optical = np.zeros(total, bool) if sem_only else rng.uniform(size=total) < cfg.optical_fraction
+        optical &= np.asarray(mags) <= micro.OPTICAL_MAX_PX_PER_UM  # beyond optical resolution: SEM
         entries.extend(
             _entries(task, split, classes, counts, mags, np.where(optical, "optical", "sem"), answer)
         )
@@ -177,29 +179,36 @@ def select(manifest: dict, task: str, split: str) -> list[dict]:
     return [e for e in manifest["images"] if e["task"] == task and e["split"] == split]
 
 
-def write_preview(library_dir: Path, out_png: Path, per_class: int = 5) -> Path:
-    """A sheet with one row per class: its images at magnifications spread over its range."""
+def write_preview(library_dir: Path, out_png: Path) -> Path:
+    """A sheet with one row per class of the library: freshly rendered at the low end, the (geometric)
+    middle and the high end of its magnification range (its task's range narrowed to where the class is
+    imaged, micro.MAG_RANGE), optical where the class has optical images and the magnification allows
+    it, SEM otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    library_dir = Path(library_dir)
-    manifest = load_manifest(library_dir)
+    manifest = load_manifest(Path(library_dir))
     by_class: dict[str, list[dict]] = {}
+    task_mags: dict[str, list[float]] = {}
     for e in manifest["images"]:
         by_class.setdefault(e["class"], []).append(e)
+        task_mags.setdefault(e["task"], []).append(e["px_per_um"])
     rows = sorted(by_class, key=lambda c: (micro.CLASSES.index(c) if c in micro.CLASSES else 99, c))
-    fig, axes = plt.subplots(len(rows), per_class, figsize=(2.2 * per_class, 2.3 * len(rows)), squeeze=False)
+    size = (manifest["image_px"], manifest["image_px"])
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.3 * len(rows)), squeeze=False)
     for r, cls in enumerate(rows):
-        items = sorted(by_class[cls], key=lambda e: (e["px_per_um"], e["file"]))
-        picks = [items[i] for i in np.unique(np.round(np.linspace(0, len(items) - 1, per_class)).astype(int))]
-        for j, ax in enumerate(axes[r]):
+        mags = task_mags[by_class[cls][0]["task"]]
+        lo, hi = _class_range(cls, (min(mags), max(mags)))
+        optical = any(e["style"] == "optical" for e in by_class[cls])
+        for j, m in enumerate((lo, float(np.sqrt(lo * hi)), hi)):
+            style = "optical" if optical and m <= micro.OPTICAL_MAX_PX_PER_UM else "sem"
+            img = micro.render(cls, size, m, style, np.random.default_rng([manifest["seed"], 3, r, j]))
+            ax = axes[r, j]
             ax.set_axis_off()
-            if j < len(picks):
-                e = picks[j]
-                ax.imshow(read_image(library_dir / e["file"]), cmap="gray", vmin=0, vmax=1)
-                ax.set_title(f"{cls}\n{e['px_per_um']:g} px/um, {e['style']}", fontsize=7)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{cls}\n{m:.3g} px/um, {style}", fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:

@@ -242,7 +242,7 @@ def _laguerre_labels(centres, weights, coarse: _CoarseCells, warp) -> np.ndarray
     return (labels + 1).astype(np.int32)
 
 
-def _relax(labels: np.ndarray, sigma: float, steps: int) -> np.ndarray:
+def relax(labels: np.ndarray, sigma: float, steps: int) -> np.ndarray:
     """Threshold dynamics (Merriman-Bence-Osher): each step blurs every grain's indicator with a Gaussian
     and gives each pixel to the grain with the largest value. Boundaries move by mean curvature and triple
     junctions relax toward 120 degrees (equal boundary energies)."""
@@ -463,7 +463,7 @@ def _grow_grains(cfg: TemConfig, shape, rng: np.random.Generator) -> np.ndarray:
     weights, coarse = _balance_weights(centres, diam, shape, pad, spacing=float(np.clip(mean_px / 8, 1, 4)))
     warp = cfg.boundary_waviness * mean_px * np.stack([smooth_field(shape, mean_px, rng) for _ in range(2)])
     labels, _ = _clean_labels(_laguerre_labels(centres, weights, coarse, warp), 1)
-    labels = _relax(labels, max(RELAX_SIGMA * mean_px, 0.8), RELAX_STEPS)
+    labels = relax(labels, max(RELAX_SIGMA * mean_px, 0.8), RELAX_STEPS)
     return _clean_labels(labels, _min_grain_area(cfg))[0]
 
 
