@@ -51,7 +51,7 @@ def recognition_figures(
     model_dir = Path(cfg.out_dir) / "quiz1"
     trained = profile == "demo" and (model_dir / "model.pt").is_file()  # outputs hold the demo's models
     rec = Recognizer.load(model_dir, cfg.device) if trained else fresh_recognizer(params)
-    img = micro.render("ferrite-pearlite", shape, 20.0, "optical", np.random.default_rng(0))
+    img = micro.render("ferrite-pearlite", shape, 20.0, "sem", np.random.default_rng(0))
     batch = cfg.batch_size
     (t_fast,) = best_times(
         [lambda: rec.predict(img, 20.0, n_crops=crops, batch_size=batch)], repeats, rec.device

@@ -278,8 +278,17 @@ class BoundaryConfig:
     tolerance_px: int = opt(2, lo=0, hi=20)
     study_datasets: tuple[str, ...] = opt(("lopez-toderas", "grae", "gong", "grae-large"))
     study_losses: tuple[str, ...] = opt(("bce", "mse", "focal"))
+    # each study run is trained with seed + each of these offsets ([0]: the runs of `seed` alone)
+    study_seeds: tuple[int, ...] = opt((0,))
 
     def __post_init__(self):
+        if not self.study_seeds or len(set(self.study_seeds)) < len(self.study_seeds):
+            raise ConfigError(
+                f"boundaries.study_seeds = {list(self.study_seeds)}: expected distinct seed offsets, at least one"
+            )
+        for k in self.study_seeds:
+            if not 0 <= k < 2**31:
+                raise ConfigError(f"boundaries.study_seeds: offset {k} is outside 0..{2**31 - 1}")
         for e in self.snapshot_epochs:
             if not 1 <= e <= self.epochs:
                 raise ConfigError(

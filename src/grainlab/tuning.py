@@ -10,6 +10,9 @@ retried (RetryHeartbeatStaleTrialCallback). Workers stop once the study holds n_
 Each trial is an MLflow run nested under one parent run of the study, in the experiment
 `optuna-<study>`; pruned trials end KILLED and failed ones FAILED, with the reason.
 
+`run_grid` shares a fixed list of runs (the boundary study's dataset x loss x seed) among
+workers the same way: one enqueued trial per run, claimed once, retried when its worker dies.
+
 Objectives are validation metrics, never test-set ones:
 - boundaries: `val/boundary_f1`, the F1 of traced boundary pixels (2 px tolerance) on the
   validation regions. It scores the tracing people use directly, and unlike VI it does not
@@ -308,25 +311,96 @@ def run_study(
     attempts = 0
     while _finished(study) < n_trials and attempts < 3 * n_trials:
         attempts += 1
-        # A failed trial (e.g. a diverged loss) is recorded as FAIL and the study goes on.
-        ran = []
-
-        def run_one(trial, ran=ran):
-            ran.append(trial.number)
-            return objective(trial, params, context)
-
-        try:
-            study.optimize(run_one, n_trials=1, catch=(GrainlabError,))
-        except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
-            # Optuna cannot record a trial that another worker already marked failed: this worker
-            # was too slow to send its heartbeat (an overloaded machine), and the trial is retried
-            # there. Its result is dropped and this worker goes on.
-            if not ran or study.get_trials(deepcopy=False)[ran[-1]].state != TrialState.FAIL:
-                raise
-            print(
-                f"tuning: trial {ran[-1]} was failed as stale by another worker; its retry counts", flush=True
-            )
+        _optimize_one(study, lambda trial: objective(trial, params, context))
     return export_results(study, context, n_trials)
+
+
+def _optimize_one(study: optuna.Study, objective):
+    """Run one trial. A failed one (e.g. a diverged loss) is recorded as FAIL and the study goes on."""
+    ran = []
+
+    def run_one(trial):
+        ran.append(trial.number)
+        return objective(trial)
+
+    try:
+        study.optimize(run_one, n_trials=1, catch=(GrainlabError,))
+    except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
+        # Optuna cannot record a trial that another worker already marked failed: this worker
+        # was too slow to send its heartbeat (an overloaded machine), and the trial is retried
+        # there. Its result is dropped and this worker goes on.
+        if not ran or study.get_trials(deepcopy=False)[ran[-1]].state != TrialState.FAIL:
+            raise
+        print(
+            f"{study.study_name}: trial {ran[-1]} was failed as stale by another worker; its retry counts",
+            flush=True,
+        )
+
+
+# --------------------------------------------------------------------------- grids of fixed runs
+
+GRID_ATTR = "grid"  # study user attr: the keys of its runs
+GRID_RUN = "grid_run"  # trial user attr: the key of the run the trial trains
+
+
+@dataclass(frozen=True)
+class GridResult:
+    parent: str  # the study's parent MLflow run
+    run_ids: dict[str, str]  # key -> MLflow run id of the run's complete trial
+    pending: dict[str, str]  # key -> state of the latest trial of each run not complete yet
+
+
+def run_grid(
+    name: str, keys: list[str], params: Params, run_one=None, *, storage=None, journal: Path, experiment: str
+) -> GridResult:
+    """A study whose trials are a fixed list of runs, one trial per key, shared by workers.
+
+    The worker that creates the study enqueues one waiting trial per key; every worker then
+    claims waiting trials (run_one(key, parent_run_id, on_run) trains one; on_run(run_id)
+    records its MLflow run, which holds its metrics: a grid trial's value is 0) until none is left. With a database
+    storage a worker also waits while other workers' trials run: a trial whose heartbeat goes
+    stale (its worker was killed) is failed and retried (RetryHeartbeatStaleTrialCallback) by a
+    worker still there. Without run_one, only reports the grid's state.
+    """
+    url = storage_url(storage)
+    study, created = _open_study(name, open_storage(url, params, journal), params, url is not None)
+    if created:
+        study.set_user_attr(GRID_ATTR, list(keys))
+        for key in keys:
+            study.enqueue_trial({}, user_attrs={GRID_RUN: key})
+    parent = _parent_run(study, created, experiment)  # set once the grid is enqueued
+    if study.user_attrs.get(GRID_ATTR) != list(keys):
+        raise GrainlabError(
+            f"study {name!r} in {urls.mask_url(url or str(journal))} holds the runs "
+            f"{study.user_attrs.get(GRID_ATTR)}, not {list(keys)}; use the same params or another study name"
+        )
+
+    def objective(trial: optuna.Trial) -> float:
+        key = trial.user_attrs.get(GRID_RUN)
+        if key is None:  # the last waiting run was claimed by another worker at the same instant
+            raise optuna.TrialPruned("no run left to claim")
+        run_one(key, parent, lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        return 0.0
+
+    while run_one is not None:
+        with warnings.catch_warnings():  # experimental in Optuna 5 (pytest resets the module's filter)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats (journal file)
+        states = {t.state for t in study.get_trials(deepcopy=False)}
+        if TrialState.WAITING in states:
+            _optimize_one(study, objective)
+        elif TrialState.RUNNING in states and url is not None:
+            time.sleep(params.tuning.heartbeat_s)
+        else:
+            break
+    run_ids, latest = {}, {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get(GRID_RUN)
+        if key is not None:
+            latest[key] = t.state.name.lower()
+            if t.state == TrialState.COMPLETE:
+                run_ids[key] = t.user_attrs["mlflow_run_id"]
+    return GridResult(parent, run_ids, {k: latest[k] for k in keys if k not in run_ids})
 
 
 def export_results(study: optuna.Study, context: dict, n_trials: int) -> StudyResult:

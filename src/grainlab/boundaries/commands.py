@@ -114,9 +114,12 @@ def register(groups, common):
     study = verbs.add_parser(
         "study",
         parents=[common],
-        help="the poster study: every dataset x loss, with report",
-        description="Train every (boundaries.study_datasets x boundaries.study_losses) combination and write "
-        "study.md, study.json, poster_grid.png and grain-size distribution plots.",
+        help="the poster study: every dataset x loss x seed, with report",
+        description="Train every (boundaries.study_datasets x boundaries.study_losses x boundaries.study_seeds) "
+        "run and write study.md, study.json, poster_grid.png and grain-size distribution plots. With "
+        "--workers-join, workers on one or many machines share the runs through an Optuna study (--storage): "
+        "each claims runs until none is left, a killed worker's run is retried, and the worker that finds "
+        "every run finished writes the report from the run folders (--runs, shared by the workers).",
     )
     study.add_argument("--out", default="reports/boundaries", help="report folder (default: %(default)s)")
     study.add_argument("--runs", default="outputs/boundaries", help="run output root (default: %(default)s)")
@@ -127,6 +130,23 @@ def register(groups, common):
         help="do not train: report on the finished runs under --runs (as the DVC pipeline's train stages made them)",
     )
     study.add_argument("--metrics", default=None, help="also write the study's metrics JSON here (for DVC)")
+    study.add_argument(
+        "--workers-join",
+        action="store_true",
+        help="join the study's shared grid of runs as one more worker: claim runs until none is left, then "
+        "write the report if every run is finished",
+    )
+    study.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="the Optuna storage the workers share, e.g. postgresql://user@host:5432/db (default with "
+        "--workers-join: $GRAINLAB_OPTUNA_STORAGE, else a local journal file under tuning.out_dir/study); "
+        "with --from-runs: report on that study's runs",
+    )
+    study.add_argument(
+        "--study", default=None, help="the workers' shared study (default: boundary-study-PROFILE)"
+    )
     study.set_defaults(func=run_study)
 
     losses = verbs.add_parser("losses", parents=[common], help="list the registered losses and search spaces")
@@ -283,16 +303,39 @@ def evaluate_regions(args, params):
 
 def run_study(args):
     from grainlab.boundaries.study import run_study as study
+    from grainlab.boundaries.study import run_study_workers
 
     params = params_from(args)
-    path = study(
-        params,
-        Path(args.out),
-        Path(args.runs),
-        log_models=args.log_models,
-        train=not args.from_runs,
-        metrics_path=Path(args.metrics) if args.metrics else None,
-    )
+    metrics = Path(args.metrics) if args.metrics else None
+    shared = args.workers_join or args.storage or args.study
+    if shared and not (args.workers_join or args.from_runs):
+        raise GrainlabError(
+            "--storage and --study name the workers' shared study: add --workers-join to train its runs, "
+            "or --from-runs to report on them"
+        )
+    if shared:
+        path = run_study_workers(
+            params,
+            Path(args.out),
+            Path(args.runs),
+            storage=args.storage,
+            study_name=args.study,
+            join=args.workers_join and not args.from_runs,
+            log_models=args.log_models,
+            metrics_path=metrics,
+            echo=lambda msg: print(msg, flush=True),
+        )
+        if path is None:
+            return
+    else:
+        path = study(
+            params,
+            Path(args.out),
+            Path(args.runs),
+            log_models=args.log_models,
+            train=not args.from_runs,
+            metrics_path=metrics,
+        )
     print(path.read_text().split("## Test metrics")[0].strip())
     print(f"wrote {path}")
 
