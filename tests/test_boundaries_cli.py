@@ -117,11 +117,16 @@ def test_study_writes_table_grid_and_answers(workdir, capsys):
     assert grainlab("boundaries", "study", "--out", "report", *study) == 0
     report = workdir / "report"
     text = (report / "study.md").read_text()
-    assert "Best loss by boundary F1" in text and "classical baseline" in text
+    assert "## Ceilings" in text and "classical baseline" in text
     assert text.count("| toy2 | bce |") == 2  # snapshots at epochs 1 and 2
     for name in ("poster_grid.png", "gsd-toy.png", "gsd-toy2.png", "study.json"):
         assert (report / name).is_file(), name
-    assert set(json.loads((report / "study.json").read_text())) == {"baseline", "toy/bce", "toy2/bce"}
+    assert set(json.loads((report / "study.json").read_text())) == {
+        "baseline",
+        "ceilings",
+        "toy/bce",
+        "toy2/bce",
+    }
     # the size distributions are the last snapshot's test tracings: those of the final weights
     from grainlab.boundaries.evaluate import model_tracer
     from grainlab.boundaries.grains import equivalent_diameters

@@ -7,7 +7,8 @@ A run writes into outputs/boundaries/<dataset>-<loss>/:
                            epoch, history, params; `resume` goes on from it. At the end it
                            also holds "postprocess": the post-processing settings calibrated
                            on the validation split (boundaries.calibrate; see `calibrate`)
-    snapshots/             test-image predictions and test grain diameters at the snapshot epochs
+    snapshots/             test-image predictions, test grain diameters and per-image test scores
+                           (epoch-NNN-scores.json) at the snapshot epochs
     history.csv            per-epoch curves (for `dvc plots`)
     metrics.json           final validation metrics and test metrics per snapshot (for DVC)
     loss_curve.png
@@ -405,10 +406,21 @@ def write_snapshot(
 
     channels = "rgb" if model.in_channels == 3 else "grey"
     rows = score_items(model_tracer(model, cfg), items, channels, cfg.tolerance_px, keep)
+    write_json(snapshots / f"epoch-{epoch:03d}-scores.json", rows)
     with atomic_path(snapshots / f"epoch-{epoch:03d}-grain-diameters.csv") as tmp, open(tmp, "w") as f:
         f.write("image,diameter_px\n")
         f.writelines(f"{item.name},{d:.3f}\n" for item in items for d in diameters[item.name])
     return {f"test/{k}": v for k, v in summarise(rows).items()}
+
+
+def snapshot_rows(out_dir: Path, epoch: int) -> list[dict]:
+    """The per-image test scores (`score_items` rows) of a run at a snapshot epoch."""
+    path = Path(out_dir) / "snapshots" / f"epoch-{epoch:03d}-scores.json"
+    if not path.is_file():
+        raise GrainlabError(
+            f"{path}: not found; the run in {out_dir} did not keep its per-image test scores, train it again"
+        )
+    return json.loads(path.read_text())
 
 
 def snapshot_diameters(out_dir: Path, epoch: int) -> np.ndarray:
