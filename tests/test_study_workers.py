@@ -64,7 +64,7 @@ def single(tmp_path_factory) -> Path:
     root = _project(tmp_path_factory.mktemp("single"))
     _finish(_study(root, f"sqlite:///{root}/mlflow.db", "--out", "report"))
     report = json.loads((root / "report/study.json").read_text())
-    assert set(report) == {"baseline", "toy/bce", "toy2/bce", *KEYS}  # means over seeds, and each run
+    assert set(report) == {"baseline", "ceilings", "toy/bce", "toy2/bce", *KEYS}  # means over seeds, and each run
     return root / "report"
 
 
@@ -162,7 +162,7 @@ def test_one_worker_on_the_local_journal_reports_as_run_study(project):
     run_study(params, project / "single", project / "runs", train=False)
     _same_report(project / "report", project / "single")
     report = json.loads((project / "report/study.json").read_text())
-    assert set(report) == {"baseline", "toy/bce", "toy2/bce"}  # one seed: the keys of old
+    assert set(report) == {"baseline", "ceilings", "toy/bce", "toy2/bce"}  # one seed: the keys of old
     # a run folder trained again since (by another study) is not this study's run
     (project / "runs/toy-bce/run.json").write_text('{"run_id": "another"}')
     with pytest.raises(
