@@ -64,7 +64,8 @@ def single(tmp_path_factory) -> Path:
     root = _project(tmp_path_factory.mktemp("single"))
     _finish(_study(root, f"sqlite:///{root}/mlflow.db", "--out", "report"))
     report = json.loads((root / "report/study.json").read_text())
-    assert set(report) == {"baseline", "ceilings", "toy/bce", "toy2/bce", *KEYS}  # means over seeds, and each run
+    # the means over seeds, and each run
+    assert set(report) == {"baseline", "ceilings", "toy/bce", "toy2/bce", *KEYS}
     return root / "report"
 
 
