@@ -9,6 +9,7 @@ wrong type or an out-of-range value is a ConfigError that names the key and the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -552,7 +553,12 @@ def _build(cls, raw: dict, prefix: str, src: str):
     for k in raw:
         if k not in known:
             where = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{src}: unknown key {clip(where)!r}; expected one of {sorted(known)}")
+            close = difflib.get_close_matches(str(k), known, n=3)
+            names = ", ".join(sorted(known))
+            if len(names) > 280:  # a long section: the names that fit, whole
+                names = names[:280].rsplit(", ", 1)[0] + ", ..."
+            expected = f"did you mean {' or '.join(close)}?" if close else f"expected one of {names}"
+            raise ConfigError(f"{src}: unknown key {clip(where)!r}; {expected}")
     values = {}
     for name, f in known.items():
         if name not in raw:
