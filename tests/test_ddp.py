@@ -22,23 +22,11 @@ from grainlab.boundaries.infer import read_checkpoint
 from grainlab.boundaries.train import read_run_id, train_boundaries
 from grainlab.config import load_params
 from test_boundaries_fixtures import write_data_root
+from test_boundaries_train import TINY as TRAIN_TINY
 from test_reliability import sets
 
 # A global batch of 4 (2 crops per process), 2 steps per epoch, dropout on (the default 0.1).
-TINY = [
-    "boundaries.unet.base_channels=4",
-    "boundaries.unet.depth=3",
-    "boundaries.epochs=2",
-    "boundaries.snapshot_epochs=[1, 2]",
-    "boundaries.samples_per_epoch=8",
-    "boundaries.crop_px=32",
-    "boundaries.batch_size=4",
-    "boundaries.workers=0",
-    "boundaries.val_max_images=2",
-    "boundaries.test_max_images=1",
-    "boundaries.tile_px=64",
-    "boundaries.calibrate=false",
-]
+TINY = [*TRAIN_TINY, "boundaries.test_max_images=1", "boundaries.calibrate=false"]
 
 
 @pytest.fixture(scope="module")
