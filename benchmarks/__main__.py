@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, Figure, Skipped, load_average, machine
+from benchmarks.common import ROOT, Figure, Skipped, add_set_option, load_average, machine
 from grainlab.boundaries.infer import pick_device
 from grainlab.config import load_params
 from grainlab.images import write_json
@@ -47,14 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds per figure (best is kept)")
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting in every profile, e.g. --set boundaries.compile=true (repeatable)",
-    )
+    add_set_option(ap, "override a setting in every profile, e.g. --set boundaries.compile=true (repeatable)")
     g = ap.add_argument_group("synth")
     g.add_argument("--synth-regions", type=int, default=4, help="regions per recipe (0: all, as configured)")
     g.add_argument("--synth-px", type=int, default=None, help="image side (default: the profile's)")

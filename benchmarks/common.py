@@ -45,6 +45,11 @@ class Skipped:
     reason: str
 
 
+def add_set_option(ap, help: str = "override a setting (repeatable)"):
+    """The benchmarks' `--set KEY=VALUE` option, collected in args.overrides."""
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

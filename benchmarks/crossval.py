@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, load_average, machine
+from benchmarks.common import ROOT, add_set_option, load_average, machine
 from grainlab.boundaries.crossval import markdown_table, run_crossval
 from grainlab.boundaries.infer import pick_device
 from grainlab.config import load_params
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loss", default=None)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--profile", default="tbm-dev")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(ap)
     ap.add_argument("--out", default=None, help="output folder (default: outputs/crossval/<dataset>)")
     ap.add_argument(
         "--from", dest="from_dir", default=None, help="print the table of a finished run's folder"

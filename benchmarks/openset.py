@@ -37,7 +37,7 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from benchmarks.common import ROOT, load_average, machine
+from benchmarks.common import ROOT, add_set_option, load_average, machine
 from grainlab.config import load_params
 from grainlab.datasets.microstructures import build_quiz, fresh_seeds, load_manifest
 from grainlab.recognition.evaluate import fpr_at_tpr, oscr
@@ -151,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--profile", default="demo")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(ap)
     ap.add_argument("--work", default="/tmp/grainlab-openset", help="fresh quizzes and openset.json go here")
     ap.add_argument("--from", dest="from_file", default=None, help="print the table of a finished run")
     return ap.parse_args(argv)

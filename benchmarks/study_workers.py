@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchmarks.common import ROOT, load_average, machine
+from benchmarks.common import ROOT, add_set_option, load_average, machine
 from benchmarks.synth import scaled
 from grainlab.boundaries.infer import pick_device
 from grainlab.config import load_params
@@ -47,14 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks.study_workers", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="settings after the small study's (repeatable)",
-    )
+    add_set_option(ap, "settings after the small study's (repeatable)")
     ap.add_argument("--regions", type=int, default=2, help="synthesised regions per recipe")
     ap.add_argument("--image-px", type=int, default=128, help="synthesised image side")
     ap.add_argument("--workers", type=int, default=2, help="workers timed against 1 worker")
